@@ -1,0 +1,8 @@
+"""Shared pieces of the Swin UNETR bundle collection, for the places where MONAI has no component.
+
+Bundles reach them from their configs as ``swin_unetr_kit.<module>.<name>``.
+"""
+
+from swin_unetr_kit import checkpoint, data, metrics, pretrained
+
+__all__ = ["checkpoint", "data", "metrics", "pretrained"]

@@ -1,0 +1,150 @@
+"""Initialise a SwinUNETR encoder from pre-trained weights, and say exactly what was loaded.
+
+Two checkpoint layouts are accepted:
+
+* the released Swin UNETR self-supervised checkpoint (``model_swinvit.pt``): ``{"state_dict": {"module.patch_embed...",
+  "module.layers1.0.blocks.0.mlp.fc1.weight", ...}}``, the layout ``SwinUNETR.load_from`` reads;
+* the encoder checkpoint written by ``bundles/swin_unetr_ssl_pretrain`` (keys as in ``SwinUNETR.swinViT``, possibly
+  under ``swinViT.``), and any full SwinUNETR ``model.pt`` whose encoder should be reused.
+
+The reference fine-tuning code loads such files with ``strict=False`` and silently loads nothing when the prefixes do
+not match; here every encoder tensor is accounted for, and a load of zero tensors or of a tensor with another shape is
+an error naming the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import SwinUNETR
+from monai.networks.nets.swin_unetr import PatchMergingV2
+
+logger = logging.getLogger(__name__)
+
+# containers under which trainers store a network's weights
+_WRAPPER_KEYS = ("state_dict", "model", "network", "encoder", "model_state_dict")
+# prefixes to strip from keys: DataParallel/DDP wrappers, then the encoder attribute of a full network
+_KEY_PREFIXES = ("module.", "swinViT.", "encoder.")
+# the released checkpoint names the MLP layers like timm, MONAI's MLPBlock names them linear1/linear2
+_RENAMES = ((".mlp.fc1.", ".mlp.linear1."), (".mlp.fc2.", ".mlp.linear2."))
+
+
+class PretrainedWeightsError(ValueError):
+    """A checkpoint that cannot initialise the encoder; the message names the file and the problem."""
+
+
+class LegacyPatchMerging(PatchMergingV2):
+    """3D patch merging in the sub-voxel order of MONAI < 1.5, for weights trained with it.
+
+    MONAI 1.5 (PR #8285) fixed the 3D ``"merging"`` layer, which concatenated the eight 2x2x2 sub-voxels with
+    (0,1,0) and (0,0,1) taken twice and (1,1,0) and (0,1,1) never. Weights trained before the fix, the released Swin
+    UNETR SSL weights among them, load with identical shapes into the fixed layer but their ``reduction`` matrix then
+    sees other inputs; pass this class as ``SwinUNETR(downsample=LegacyPatchMerging)`` to use them as trained.
+    """
+
+    # (depth, height, width) offset of each concatenated sub-voxel, in the order of MONAI < 1.5
+    OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 0, 1), (0, 1, 0), (0, 0, 1), (1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 4:  # 2D merging never changed
+            return super().forward(x)
+        if x.ndim != 5:
+            raise ValueError(f"expected a 5D channels-last tensor, got shape {tuple(x.shape)}")
+        _, d, h, w, _ = x.shape
+        if d % 2 or h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2, 0, d % 2))
+        x = torch.cat([x[:, i::2, j::2, k::2, :] for i, j, k in self.OFFSETS], -1)
+        return self.reduction(self.norm(x))
+
+
+def _unwrap(checkpoint: Mapping) -> Mapping:
+    """Return the mapping of tensors inside the usual trainer containers."""
+    for key in _WRAPPER_KEYS:
+        inner = checkpoint.get(key)
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    return checkpoint
+
+
+def _normalise_key(key: str) -> str:
+    for prefix in _KEY_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    for old, new in _RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def encoder_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
+    """Map a checkpoint in any accepted layout to keys of ``SwinUNETR.swinViT.state_dict()``.
+
+    Keys that cannot belong to the encoder (heads, decoders) are kept under their normalised names; the caller
+    decides what matches.
+    """
+    tensors = _unwrap(checkpoint)
+    return {_normalise_key(k): v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+
+def load_pretrained_encoder(network: SwinUNETR, ckpt_path: str | None) -> SwinUNETR:
+    """Return ``network`` with its encoder initialised from ``ckpt_path``; nothing is loaded when the path is empty.
+
+    A config routes its network through this function so that one override (``--pretrained_ckpt PATH``) turns the
+    initialisation on.
+    """
+    if ckpt_path:
+        load_encoder_weights(network.swinViT, ckpt_path)
+    return network
+
+
+def load_encoder_weights(encoder: torch.nn.Module, ckpt_path: str) -> int:
+    """Copy the encoder tensors in ``ckpt_path`` into ``encoder`` (a ``SwinTransformer``), log and return their count.
+
+    Raises:
+        PretrainedWeightsError: the file is missing or unreadable, a tensor's shape differs from the network's (another
+            feature_size, in_channels or use_v2), or no encoder tensor matched.
+    """
+    if not os.path.isfile(ckpt_path):
+        raise PretrainedWeightsError(f"{ckpt_path}: pretrained checkpoint not found")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise PretrainedWeightsError(f"{ckpt_path}: cannot be read as a PyTorch checkpoint ({exc})") from exc
+    if not isinstance(checkpoint, Mapping):
+        raise PretrainedWeightsError(f"{ckpt_path}: expected a dict of tensors, found {type(checkpoint).__name__}")
+
+    expected = encoder.state_dict()
+    found = encoder_state_dict(checkpoint)
+    matched = {k: v for k, v in found.items() if k in expected}
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(expected[k].shape)}"
+        for k, v in matched.items()
+        if v.shape != expected[k].shape
+    ]
+    if mismatched:
+        shown = "; ".join(mismatched[:5]) + (f"; ... {len(mismatched) - 5} more" if len(mismatched) > 5 else "")
+        raise PretrainedWeightsError(
+            f"{ckpt_path}: {len(mismatched)} encoder tensors have another shape than the network's ({shown}). "
+            "Check feature_size, in_channels and use_v2 against the checkpoint."
+        )
+    if not matched:
+        sample = ", ".join(list(found)[:3]) or "none"
+        raise PretrainedWeightsError(
+            f"{ckpt_path}: none of its {len(found)} tensors match the SwinUNETR encoder "
+            f"(first keys after normalisation: {sample})"
+        )
+    encoder.load_state_dict(matched, strict=False)
+    missing = sorted(set(expected) - set(matched))
+    logger.info(
+        "pretrained encoder: loaded %d of %d encoder tensors from %s (%d other tensors in the file ignored)",
+        len(matched),
+        len(expected),
+        ckpt_path,
+        len(found) - len(matched),
+    )
+    if missing:
+        logger.warning("pretrained encoder: %d encoder tensors keep their random init, e.g. %s", len(missing), missing[0])
+    return len(matched)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up the Python environment for the collection, idempotently.
+#   bash tools/setup_env.sh         runtime packages (bundles, tools, demo)
+#   bash tools/setup_env.sh --dev   plus the test and lint tools
+# The environment is .venv at the repository root, or the interpreter named by $PYTHON (for example a conda env that
+# already has a CUDA build of torch). torch itself is installed only when none is importable, and then as the CPU
+# wheel torch==2.13.0: a bare `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+requirements="$root/requirements.txt"
+[ "${1:-}" = "--dev" ] && requirements="$root/requirements-dev.txt"
+
+if [ -n "${PYTHON:-}" ]; then
+  py=$PYTHON
+else
+  [ -x "$root/.venv/bin/python" ] || python3 -m venv "$root/.venv"
+  py="$root/.venv/bin/python"
+fi
+pip=("$py" -m pip install --quiet --disable-pip-version-check)
+"$py" -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0
+"${pip[@]}" -r "$requirements"
+"${pip[@]}" --no-deps -e "$root"
+echo "environment ready: $py"
