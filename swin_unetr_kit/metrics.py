@@ -9,8 +9,17 @@ diagonal of the volume (MONAI would give ``inf``, which turns every mean into ``
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
 import torch
 from monai.metrics import HausdorffDistanceMetric
+
+logger = logging.getLogger(__name__)
 
 
 def _spacing_mm(y: torch.Tensor, index: int) -> list[float] | None:
@@ -43,3 +52,53 @@ class OrganHausdorffDistance95(HausdorffDistanceMetric):
             absent = y[b, first:].flatten(1).sum(-1) == 0
             rows.append(torch.where(absent.to(hd.device), torch.full_like(hd, float("nan")), hd))
         return torch.stack(rows)
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def _number(text: str) -> float | None:
+    value = float(text)
+    return None if math.isnan(value) else value
+
+
+def write_organ_report(eval_dir: str, metric_names: Sequence[str], class_names: Sequence[str]) -> dict:
+    """Name the classes in MetricsSaver's ``<metric>_raw.csv`` / ``<metric>_summary.csv`` (it writes class0, class1,
+    ...) and gather both into ``metrics.json``: per case and organ, and the summary. Absent organs are ``null``.
+
+    Returns the ``metrics.json`` content.
+    """
+    folder = Path(eval_dir)
+    rename = {f"class{i}": name for i, name in enumerate(class_names)}
+    report: dict = {"per_case": {}, "summary": {}}
+    for metric in metric_names:
+        raw_path, summary_path = folder / f"{metric}_raw.csv", folder / f"{metric}_summary.csv"
+        raw = _read_csv(raw_path)
+        raw[0] = [rename.get(c, c) for c in raw[0]]
+        _write_csv(raw_path, raw)
+        for row in raw[1:]:
+            case = report["per_case"].setdefault(row[0], {})
+            case[metric] = {name: _number(v) for name, v in zip(raw[0][1:], row[1:], strict=True)}
+        summary = _read_csv(summary_path)
+        for row in summary[1:]:
+            row[0] = rename.get(row[0], row[0])
+        _write_csv(summary_path, summary)
+        report["summary"][metric] = {
+            row[0]: {op: _number(v) for op, v in zip(summary[0][1:], row[1:], strict=True)} for row in summary[1:]
+        }
+    with open(folder / "metrics.json", "w") as f:
+        json.dump(report, f, indent=2)
+    for metric, per_class in report["summary"].items():
+        logger.info(
+            "%s per organ (mean over cases where the organ is present): %s",
+            metric,
+            ", ".join(f"{name} {row['mean']:.3f}" if row["mean"] is not None else f"{name} n/a" for name, row in per_class.items()),
+        )
+    return report
