@@ -269,15 +269,7 @@ def inference_inputs(inputs: str | os.PathLike | Sequence[str], in_channels: int
         DataError: nothing to predict, or an input that cannot be read or has the wrong channel count.
     """
     if isinstance(inputs, (str, os.PathLike)):
-        path = Path(inputs)
-        if path.suffix == ".json":
-            lists = read_datalist_file(path)
-            entries = lists.get("test") or lists.get("validation") or []
-            paths = [e["image"] for e in entries]
-        elif path.is_dir() and not _is_dicom_series(path):
-            paths = list_images(path)
-        else:
-            paths = [str(path)]
+        paths = _input_paths(Path(inputs))
     else:
         paths = [str(p) for p in inputs]
     if not paths:
@@ -286,6 +278,21 @@ def inference_inputs(inputs: str | os.PathLike | Sequence[str], in_channels: int
     for case in cases:
         check_case(case, in_channels=in_channels)
     return cases
+
+
+def _input_paths(path: Path) -> list[str]:
+    if path.suffix == ".json":
+        lists = read_datalist_file(path)
+        return [e["image"] for e in lists.get("test") or lists.get("validation") or []]
+    if not path.is_dir() or _is_dicom_series(path):
+        return [str(path)]
+    datalist = next((path / n for n in DATALIST_NAMES if (path / n).is_file()), None)
+    if datalist is not None:  # a data set folder: predict its test cases
+        return [e["image"] for e in read_datalist_file(datalist).get("test", [])]
+    for _, _, test_dir in FOLDER_LAYOUTS:
+        if (path / test_dir).is_dir():
+            return list_images(path / test_dir)
+    return [p for p in list_images(path) if not Path(p).is_dir() or _is_dicom_series(Path(p))]
 
 
 def _is_dicom_series(folder: Path) -> bool:

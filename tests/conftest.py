@@ -1,0 +1,107 @@
+"""Shared fixtures: synthetic CT cases, the real sample CT, and a runner for bundle workflows with small overrides."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BTCV_BUNDLE = REPO / "bundles" / "swin_unetr_btcv_seg"
+SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
+sys.path.insert(0, str(REPO / "tools"))
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+# the smallest configuration SwinUNETR runs at: feature_size 12 and a 64^3 window (32^3 fails inside the network)
+SMALL = {
+    "network_def#feature_size": 12,
+    "roi_size": [64, 64, 64],
+    "pixdim": [3.0, 3.0, 3.0],
+    "num_samples": 1,
+    "num_workers": 0,
+    "cache_rate": 0.0,
+    "sw_batch_size": 2,
+    "sw_overlap": 0.25,
+}
+
+
+def write_ct_case(
+    folder: Path,
+    name: str,
+    shape: tuple[int, int, int] = (48, 44, 40),
+    spacing: float = 3.0,
+    seed: int = 0,
+    channels: int = 1,
+    label_name: str | None = None,
+) -> dict:
+    """A synthetic abdomen: a soft-tissue body in air with 13 spherical organs of distinct HU, and its label map."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    centre = np.array(shape) / 2
+    body = (((grid - centre) / (centre * 0.9)) ** 2).sum(-1) < 1
+    image = np.where(body, 40.0, -1000.0) + rng.normal(0, 20, shape)
+    label = np.zeros(shape, np.uint8)
+    for organ in range(1, 14):
+        c = centre + rng.uniform(-0.45, 0.45, 3) * np.array(shape)
+        r = rng.uniform(2.5, 5.0)
+        sphere = ((grid - c) ** 2).sum(-1) < r**2
+        label[sphere & body] = organ
+        image[sphere & body] = -150 + 25 * organ + rng.normal(0, 5, int((sphere & body).sum()))
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = rng.uniform(-50, 50, 3)
+    if channels > 1:
+        image = np.stack([image] * channels, -1)
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    image_path = folder / "imagesTr" / f"{name}.nii.gz"
+    label_path = folder / "labelsTr" / f"{label_name or name}.nii.gz"
+    nib.save(nib.Nifti1Image(image.astype(np.int16), affine), image_path)
+    nib.save(nib.Nifti1Image(label, affine), label_path)
+    return {"image": str(image_path), "label": str(label_path)}
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """Four synthetic cases in imagesTr/labelsTr (one smaller than the 64^3 window), split 2/2 by datalist."""
+    root = tmp_path_factory.mktemp("synthetic")
+    cases = [write_ct_case(root, f"case{i}", seed=i) for i in range(3)]
+    cases.append(write_ct_case(root, "case3", shape=(30, 28, 24), seed=3))  # smaller than the ROI: padded
+    (root / "imagesTs").mkdir()
+    shutil.copy(cases[0]["image"], root / "imagesTs" / "test0.nii.gz")
+    import json
+
+    relative = [{k: os.path.relpath(v, root) for k, v in c.items()} for c in cases]
+    (root / "dataset_0.json").write_text(
+        json.dumps({"training": relative[:2], "validation": relative[2:], "test": [{"image": "imagesTs/test0.nii.gz"}]})
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_dataset() -> Path:
+    """The real sample CT (fetched once through pip, then cached): see tools/sample_data.py."""
+    import sample_data
+
+    return Path(sample_data.prepare())
+
+
+def configs(*names: str, bundle: Path = BTCV_BUNDLE) -> list[str]:
+    return [str(bundle / "configs" / f"{n}.json") for n in names]
+
+
+def run_workflow(config_files: list[str], workflow_type: str = "train", **overrides):
+    """Run a bundle workflow in-process the way ``python -m monai.bundle run`` does; return the workflow."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=config_files, workflow_type=workflow_type, **overrides)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return workflow

@@ -1,0 +1,133 @@
+"""The BTCV bundle's workflows end to end through MONAI's bundle machinery, with small overrides."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import BTCV_BUNDLE, SCHEMA, SMALL, configs, run_workflow
+from monai.bundle import ConfigWorkflow, verify_net_in_out
+
+
+def test_metadata_is_valid_against_monai_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    if not SCHEMA.is_file():
+        pytest.skip(f"schema copy not found at {SCHEMA}")
+    meta = json.loads((BTCV_BUNDLE / "configs" / "metadata.json").read_text())
+    jsonschema.validate(meta, json.loads(SCHEMA.read_text()))
+    assert meta["version"] in meta["changelog"]
+    channel_def = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert len(channel_def) == meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 14
+    assert channel_def["1"] == "spleen" and channel_def["13"] == "left adrenal gland"
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 1
+
+
+@pytest.mark.parametrize(
+    ("names", "workflow_type"), [(("train",), "train"), (("inference",), "infer"), (("train", "evaluate"), "infer")]
+)
+def test_check_properties(names, workflow_type, synthetic_dataset):
+    workflow = ConfigWorkflow(
+        config_file=configs(*names), workflow_type=workflow_type, dataset_dir=str(synthetic_dataset)
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+
+
+def test_paper_defaults_and_overrides():
+    workflow = ConfigWorkflow(config_file=configs("train"), workflow_type="train", **{"network_def#feature_size": 24})
+    parser = workflow.parser
+    assert parser["roi_size"] == [96, 96, 96]
+    assert parser["pixdim"] == [1.5, 1.5, 2.0]
+    assert parser["hu_window"] == [-175, 250]
+    assert parser["num_samples"] == 4
+    assert parser["learning_rate"] == 1e-4 and parser["weight_decay"] == 1e-5
+    net = parser.get_parsed_content("network_def")
+    assert net.swinViT.embed_dim == 24  # the override reached the network
+
+
+def test_verify_net_in_out():
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(BTCV_BUNDLE / "configs" / "metadata.json"),
+        config_file=configs("inference"),
+        n=1,
+        any=1,
+        **{"network_def#feature_size": 12},
+    )
+
+
+def test_train_evaluate_infer_on_synthetic_cases(synthetic_dataset, tmp_path):
+    common = {**SMALL, "bundle_root": str(tmp_path), "dataset_dir": str(synthetic_dataset)}
+    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 2, "val_interval": 1})
+    models = tmp_path / "models"
+    assert (models / "model.pt").is_file() and (models / "latest.pt").is_file()
+    latest = torch.load(models / "latest.pt", weights_only=False)
+    assert latest["trainer"]["iteration"] == 2 * latest["trainer"]["epoch_length"]  # two epochs done
+    assert set(latest) >= {"network", "optimizer", "lr_scheduler", "trainer", "best_model_saver"}
+
+    run_workflow(configs("train", "evaluate"), workflow_type="infer", **common)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert len(report["per_case"]) == 2
+    organs = report["summary"]["dice"]
+    assert "spleen" in organs and "background" not in organs
+    for case in report["per_case"].values():
+        dice = [v for v in case["dice"].values() if v is not None]
+        assert dice and all(0.0 <= v <= 1.0 for v in dice)
+    # predictions are written in the geometry of the input volume
+    validation = json.loads((synthetic_dataset / "dataset_0.json").read_text())["validation"]
+    for case in validation:
+        src = nib.load(synthetic_dataset / case["image"])
+        name = (synthetic_dataset / case["image"]).name.replace(".nii.gz", "_seg.nii.gz")
+        pred = nib.load(tmp_path / "eval" / "predictions" / name)
+        assert pred.shape == src.shape
+        np.testing.assert_allclose(pred.affine, src.affine, atol=1e-4)
+
+    run_workflow(configs("inference"), workflow_type="infer", **common, input=str(synthetic_dataset / "imagesTs"))
+    out = nib.load(tmp_path / "eval" / "test0_seg.nii.gz")
+    src = nib.load(synthetic_dataset / "imagesTs" / "test0.nii.gz")
+    assert out.shape == src.shape
+    np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(out.dataobj))) <= set(range(14))
+
+
+def test_resume_continues_epochs_and_best_metric(synthetic_dataset, tmp_path):
+    common = {**SMALL, "bundle_root": str(tmp_path), "dataset_dir": str(synthetic_dataset), "val_interval": 1}
+    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 1})  # "interrupted" after epoch 1
+    first = torch.load(tmp_path / "models" / "latest.pt", weights_only=False)
+    per_epoch = first["trainer"]["epoch_length"]
+    assert first["trainer"]["iteration"] == per_epoch
+    best_after_first = first["best_model_saver"]["_saved"]
+
+    workflow = run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 3})
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.epoch == 3
+    assert trainer.state.iteration == 3 * per_epoch  # continued, not restarted
+    second = torch.load(tmp_path / "models" / "latest.pt", weights_only=False)
+    assert second["trainer"]["iteration"] == 3 * per_epoch
+    # the optimizer carried on: AdamW's step count covers both runs
+    steps = [s["step"] for s in second["optimizer"]["state"].values()]
+    assert float(steps[0]) == 3 * per_epoch
+    assert second["lr_scheduler"]["last_epoch"] == 3
+    # the best score known before the interruption was restored, not forgotten
+    assert second["best_model_saver"]["_saved"][0][0] >= best_after_first[0][0]
+
+    fresh = run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 1, "resume": False})
+    assert fresh.parser.get_parsed_content("train#trainer").state.epoch == 1
+
+
+def test_real_sample_ct_train_and_infer_on_dicom(sample_dataset, tmp_path):
+    """The real CT: one epoch of training on the torso NIfTI, then inference on the other patient's DICOM series."""
+    common = {**SMALL, "bundle_root": str(tmp_path), "dataset_dir": str(sample_dataset), "pixdim": [4.0, 4.0, 4.0]}
+    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 1, "val_interval": 1})
+    assert (tmp_path / "models" / "model.pt").is_file()
+    dicom = sample_dataset / "imagesTs" / "ts_slab_dicom"
+    run_workflow(configs("inference"), workflow_type="infer", **common, input=str(dicom))
+    out = nib.load(tmp_path / "eval" / "ts_slab_dicom_seg.nii.gz")
+    from monai.transforms import LoadImage
+
+    reference = LoadImage(image_only=True)(str(dicom))
+    assert out.shape == tuple(reference.shape) == (512, 512, 20)
+    np.testing.assert_allclose(out.affine, reference.affine.numpy(), atol=1e-3)
