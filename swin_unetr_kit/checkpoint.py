@@ -65,6 +65,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             the interval checkpoints keep MONAI's numbered names.
         other args: as ``CheckpointSaver``.
 
+    Under ``torch.distributed`` only rank 0 attaches, so only rank 0 writes.
+
     Its ``state_dict``/``load_state_dict`` carry the best key-metric score seen so far, so a resumed training does not
     replace the best model with a worse one (put this saver in the resumable checkpoint's ``save_dict``).
     """
@@ -80,6 +82,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, attr)
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename)
+
+    def attach(self, engine: Engine) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        super().attach(engine)
 
     def state_dict(self) -> dict:
         return self._key_metric_checkpoint.state_dict() if self._key_metric_checkpoint is not None else {}

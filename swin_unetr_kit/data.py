@@ -178,7 +178,9 @@ def load_datalist(
     cases = lists.get(split, [])
     source = datalist_file or dataset_dir
     if not cases:
-        raise DataError(f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})")
+        raise DataError(
+            f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})"
+        )
     if check:
         for case in cases:
             check_case(case, in_channels=in_channels, num_classes=num_classes)
@@ -268,10 +270,7 @@ def inference_inputs(inputs: str | os.PathLike | Sequence[str], in_channels: int
     Raises:
         DataError: nothing to predict, or an input that cannot be read or has the wrong channel count.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        paths = _input_paths(Path(inputs))
-    else:
-        paths = [str(p) for p in inputs]
+    paths = _input_paths(Path(inputs)) if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
     if not paths:
         raise DataError(f"{inputs}: no images or DICOM series to predict")
     cases = [{"image": p} for p in paths]
@@ -298,6 +297,8 @@ def _input_paths(path: Path) -> list[str]:
 def _is_dicom_series(folder: Path) -> bool:
     """A folder whose files are not images of the suffixes above (DICOM files often have no suffix at all)."""
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return bool(files) and not any(p.name.endswith(IMAGE_SUFFIXES) for p in files) and not any(
-        p.is_dir() for p in folder.iterdir()
+    return (
+        bool(files)
+        and not any(p.name.endswith(IMAGE_SUFFIXES) for p in files)
+        and not any(p.is_dir() for p in folder.iterdir())
     )

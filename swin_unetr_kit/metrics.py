@@ -4,7 +4,7 @@ The reference code scores an organ that is absent from a case's ground truth as 
 mean Dice; both distort the numbers. MONAI's ``DiceMetric(ignore_empty=True)`` already leaves absent organs out (NaN,
 skipped by MetricsSaver's nan-aware means). :class:`OrganHausdorffDistance95` does the same for HD95, measures in
 millimetres from each case's own voxel spacing, and scores an organ that is present but not predicted at all with the
-diagonal of the volume (MONAI would give ``inf``, which turns every mean into ``inf``).
+diagonal of the volume (MONAI gives ``inf`` or ``nan``, which spoils or hides it in every mean).
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ class OrganHausdorffDistance95(HausdorffDistanceMetric):
             spacing = kwargs.get("spacing") or _spacing_mm(y, b)
             hd = super()._compute_tensor(y_pred[b : b + 1], y[b : b + 1], spacing=spacing)[0]
             extent = torch.tensor(y.shape[2:], dtype=torch.float64) * torch.tensor(spacing or [1.0] * (y.ndim - 2))
-            hd = torch.where(torch.isinf(hd), torch.linalg.norm(extent).to(hd), hd)
-            absent = y[b, first:].flatten(1).sum(-1) == 0
-            rows.append(torch.where(absent.to(hd.device), torch.full_like(hd, float("nan")), hd))
+            absent = (y[b, first:].flatten(1).sum(-1) == 0).to(hd.device)
+            missed = ~torch.isfinite(hd) & ~absent  # present but not predicted: MONAI gives inf or nan
+            hd = torch.where(missed, torch.linalg.norm(extent).to(hd), hd)
+            rows.append(torch.where(absent, torch.full_like(hd, float("nan")), hd))
         return torch.stack(rows)
 
 
@@ -99,6 +100,9 @@ def write_organ_report(eval_dir: str, metric_names: Sequence[str], class_names: 
         logger.info(
             "%s per organ (mean over cases where the organ is present): %s",
             metric,
-            ", ".join(f"{name} {row['mean']:.3f}" if row["mean"] is not None else f"{name} n/a" for name, row in per_class.items()),
+            ", ".join(
+                f"{name} {row['mean']:.3f}" if row["mean"] is not None else f"{name} n/a"
+                for name, row in per_class.items()
+            ),
         )
     return report

@@ -146,5 +146,7 @@ def load_encoder_weights(encoder: torch.nn.Module, ckpt_path: str) -> int:
         len(found) - len(matched),
     )
     if missing:
-        logger.warning("pretrained encoder: %d encoder tensors keep their random init, e.g. %s", len(missing), missing[0])
+        logger.warning(
+            "pretrained encoder: %d encoder tensors keep their random init, e.g. %s", len(missing), missing[0]
+        )
     return len(matched)

@@ -25,8 +25,10 @@ def _net(feature_size: int = 12, seed: int = 0, **kwargs) -> SwinUNETR:
 
 def _released_layout(encoder_state: dict) -> dict:
     """A checkpoint as the released model_swinvit.pt stores it: module.-prefixed keys, fc1/fc2 MLP names, heads."""
-    state = {"module." + k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
-             for k, v in encoder_state.items()}
+    state = {
+        "module." + k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
+        for k, v in encoder_state.items()
+    }
     state["module.rotation_head.weight"] = torch.randn(4, 192)
     state["module.contrastive_head.weight"] = torch.randn(512, 192)
     state["module.conv.0.weight"] = torch.randn(96, 192, 3, 3, 3)
@@ -142,7 +144,9 @@ def test_legacy_merging_reproduces_the_old_order():
 
 def test_legacy_merging_is_a_config_switch():
     workflow = ConfigWorkflow(
-        config_file=configs("train"), workflow_type="train", legacy_patch_merging=True,
+        config_file=configs("train"),
+        workflow_type="train",
+        legacy_patch_merging=True,
         **{"network_def#feature_size": 12},
     )
     net = workflow.parser.get_parsed_content("network_def")

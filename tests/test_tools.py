@@ -1,0 +1,40 @@
+"""The user tools: the datalist writer and the real sample data set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datalist
+import nibabel as nib
+import numpy as np
+import sample_data
+from conftest import write_ct_case
+
+
+def test_datalist_tool_writes_a_seeded_relative_datalist(tmp_path):
+    for i in range(5):
+        write_ct_case(tmp_path, f"case{i}", seed=i)
+    out = datalist.make_datalist(str(tmp_path), val_fraction=0.4, seed=3)
+    content = json.loads(Path(out).read_text())
+    assert len(content["training"]) == 3 and len(content["validation"]) == 2
+    for entry in content["training"] + content["validation"]:
+        assert not entry["image"].startswith("/") and (tmp_path / entry["label"]).is_file()
+    again = datalist.make_datalist(str(tmp_path), out=str(tmp_path / "again.json"), val_fraction=0.4, seed=3)
+    assert json.loads(Path(again).read_text())["validation"] == content["validation"]
+
+
+def test_sample_data_is_real_ct_with_btcv_labels(sample_dataset):
+    content = json.loads((sample_dataset / "dataset.json").read_text())
+    image = nib.load(sample_dataset / content["training"][0]["image"])
+    hu = np.asarray(image.dataobj)
+    assert image.shape == (122, 101, 112) and hu.min() < -900 and hu.max() > 1000  # air to bone, in HU
+    label = np.asarray(nib.load(sample_dataset / content["training"][0]["label"]).dataobj)
+    organs = set(np.unique(label).tolist())
+    assert organs <= set(range(14))
+    assert 5 not in organs  # the esophagus is outside these organ maps
+    assert {1, 2, 3, 6, 7, 8, 11} <= organs  # spleen, kidneys, liver, stomach, aorta, pancreas
+    assert (label == 6).sum() > (label == 1).sum()  # the liver is larger than the spleen
+    dicom = sample_dataset / content["test"][0]["image"]
+    assert dicom.is_dir() and len(list(dicom.iterdir())) == 20
+    assert sample_data.TOTAL_TO_BTCV[5] == 6  # TotalSegmentator's liver is BTCV's 6
