@@ -6,7 +6,7 @@ train on, and a 20-slice DICOM series of another patient to predict. The organ l
 predictions, and a few minutes of CPU training on one volume is a smoke check that the pipeline works end to end on
 real data, not a validation of the model: the report says so.
 
-Usage: python tools/demo.py [--out demo_output] [--epochs 80]
+Usage: python tools/demo.py [--out demo_output] [--epochs 120]
 """
 
 from __future__ import annotations
@@ -24,20 +24,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation  # noqa: E402
-
 import sample_data  # noqa: E402
+from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "swin_unetr_btcv_seg" / "configs"
-# the small configuration: feature_size 12, 64^3 windows at 4 mm (covering most of an abdomen), 2 crops a step
+# the small configuration: feature_size 12, 64^3 windows at 4 mm (covering most of an abdomen), one crop a step
 SMALL = {
     "network_def#feature_size": 12,
     "roi_size": [64, 64, 64],
     "pixdim": [4.0, 4.0, 4.0],
-    "num_samples": 2,
+    "num_samples": 1,
     "num_workers": 0,
     "sw_overlap": 0.25,
+}
+# for a run of minutes instead of days: a larger learning rate without warm-up, and MONAI's default Dice smoothing
+# (the paper's smooth_nr 0 with squared predictions learns the small organs later); measured here, 120 epochs took
+# the training CT's liver Dice to 0.70 where the paper's loss at lr 1e-3 reached 0.55 after 80 epochs
+SHORT_RUN = {
+    "learning_rate": 0.003,
+    "warmup_epochs": 0,
+    "loss#squared_pred": False,
+    "loss#smooth_nr": 1e-05,
+    "loss#smooth_dr": 1e-05,
 }
 # glibc's allocator returns big buffers to the OS after every use by default; on this CPU that doubles step time
 FAST_ENV = {"MALLOC_MMAP_MAX_": "0"}
@@ -46,7 +55,14 @@ FAST_ENV = {"MALLOC_MMAP_MAX_": "0"}
 def bundle_run(configs: list[str], **overrides) -> float:
     """Run ``python -m monai.bundle run`` with ``overrides``; print the command and return its wall time."""
     files = [str(CONFIGS / f"{name}.json") for name in configs]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files) if len(files) > 1 else files[0]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(files) if len(files) > 1 else files[0],
+    ]
     for key, value in overrides.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     shown = " ".join(f"'{c}'" if any(ch in c for ch in "[] ,") else c for c in cmd[1:])
@@ -77,8 +93,10 @@ def overlay_png(image: str | Path, reference: str | Path, prediction: str | Path
     cmap = plt.get_cmap("tab20", 14)
     fig, axes = plt.subplots(2, 2, figsize=(10, 9))
     for row, (cut, aspect, name) in enumerate(
-        [(lambda a: a[:, :, z], spacing[1] / spacing[0], f"axial slice {z}"),
-         (lambda a: a[:, y, :], spacing[2] / spacing[0], f"coronal slice {y}")]
+        [
+            (lambda a: a[:, :, z], spacing[1] / spacing[0], f"axial slice {z}"),
+            (lambda a: a[:, y, :], spacing[2] / spacing[0], f"coronal slice {y}"),
+        ]
     ):
         for col, (labels, label_name) in enumerate([(ref, "reference"), (pred, "prediction")]):
             ax = axes[row, col]
@@ -98,7 +116,7 @@ def _dice_rows(metrics_json: Path) -> dict[str, float | None]:
     return {organ: row["mean"] for organ, row in summary.items()}
 
 
-def main(out: str = "demo_output", epochs: int = 80) -> None:
+def main(out: str = "demo_output", epochs: int = 120) -> None:
     """Run the demo into ``out`` (replaced) and print where the report is."""
     started = time.perf_counter()
     out_dir = Path(out).resolve()
@@ -113,8 +131,8 @@ def main(out: str = "demo_output", epochs: int = 80) -> None:
         "train": bundle_run(
             ["train"],
             **common,
-            **{"train#trainer#max_epochs": epochs, "val_interval": epochs, "learning_rate": 0.001},
-            warmup_epochs=0,
+            **SHORT_RUN,
+            **{"train#trainer#max_epochs": epochs, "val_interval": epochs},
         )
     }
     for split, name in (("training", "eval_seen"), ("validation", "eval_unseen")):
@@ -123,17 +141,29 @@ def main(out: str = "demo_output", epochs: int = 80) -> None:
         )
     dicom = data / "imagesTs" / "ts_slab_dicom"
     timings["inference (DICOM in)"] = bundle_run(
-        ["inference"], **{k: v for k, v in common.items() if k != "num_samples"}, input=str(dicom),
+        ["inference"],
+        **{k: v for k, v in common.items() if k != "num_samples"},
+        input=str(dicom),
         output_dir=str(out_dir / "predictions"),
     )
 
     report = out_dir / "report"
     report.mkdir()
     cases = [
-        ("seen", "the training CT (seen in training)", data / "imagesTr" / "ts_torso.nii.gz",
-         data / "labelsTr" / "ts_torso.nii.gz", out_dir / "eval_seen" / "predictions" / "ts_torso_seg.nii.gz"),
-        ("unseen", "another patient's DICOM series (not seen in training)", dicom,
-         data / "labelsTs" / "ts_slab_dicom.nii.gz", out_dir / "predictions" / "ts_slab_dicom_seg.nii.gz"),
+        (
+            "seen",
+            "the training CT (seen in training)",
+            data / "imagesTr" / "ts_torso.nii.gz",
+            data / "labelsTr" / "ts_torso.nii.gz",
+            out_dir / "eval_seen" / "predictions" / "ts_torso_seg.nii.gz",
+        ),
+        (
+            "unseen",
+            "another patient's DICOM series (not seen in training)",
+            dicom,
+            data / "labelsTs" / "ts_slab_dicom.nii.gz",
+            out_dir / "predictions" / "ts_slab_dicom_seg.nii.gz",
+        ),
     ]
     dice = {key: _dice_rows(out_dir / f"eval_{key}" / "metrics.json") for key, *_ in cases}
     for key, title, image, reference, prediction in cases:
