@@ -153,6 +153,8 @@ def build_datalist(
 ) -> dict[str, list[dict]]:
     """The ``training``/``validation``/``test`` lists of a data set in any of the layouts in this module's docstring."""
     root = Path(dataset_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: data set folder not found (set --dataset_dir)")
     if datalist_file:
         lists = read_datalist_file(datalist_file, base_dir=root)
     else:

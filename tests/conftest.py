@@ -67,6 +67,12 @@ def write_ct_case(
     return {"image": str(image_path), "label": str(label_path)}
 
 
+@pytest.fixture(autouse=True)
+def _run_in_a_temporary_folder(tmp_path, monkeypatch):
+    """Relative paths (bundle_root "." and its models/ and eval/) land in a temporary folder, never in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> Path:
     """Four synthetic cases in imagesTr/labelsTr (one smaller than the 64^3 window), split 2/2 by datalist."""

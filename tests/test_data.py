@@ -100,6 +100,8 @@ def test_images_without_labels_are_an_error(tmp_path):
 def test_no_known_layout(tmp_path):
     with pytest.raises(DataError, match="no datalist"):
         load_datalist(tmp_path)
+    with pytest.raises(DataError, match=r"missing_dir: data set folder not found"):
+        load_datalist(tmp_path / "missing_dir")
 
 
 def test_btcv_rawdata_layout_pairs_img_with_label(tmp_path):

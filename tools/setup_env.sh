@@ -19,5 +19,7 @@ fi
 pip=("$py" -m pip install --quiet --disable-pip-version-check)
 "$py" -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0
 "${pip[@]}" -r "$requirements"
-"${pip[@]}" --no-deps -e "$root"
+# the shared package, editable so that the bundles always use this checkout's code
+"$py" -c "import swin_unetr_kit, sys; sys.exit(not swin_unetr_kit.__file__.startswith('$root/'))" 2>/dev/null ||
+  "${pip[@]}" --no-deps -e "$root"
 echo "environment ready: $py"
