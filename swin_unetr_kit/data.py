@@ -19,11 +19,13 @@ import json
 import logging
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
 
 logger = logging.getLogger(__name__)
 
@@ -304,3 +306,72 @@ def _is_dicom_series(folder: Path) -> bool:
         and not any(p.name.endswith(IMAGE_SUFFIXES) for p in files)
         and not any(p.is_dir() for p in folder.iterdir())
     )
+
+
+def find_images(source: str | os.PathLike) -> list[str]:
+    """Every image in ``source`` for unlabelled use: a datalist's images (all parts), a data set's image folders
+    (never its label folders), a DICOM series folder, an image file, or any folder searched recursively."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    if path.suffix == ".json":
+        return [e["image"] for entries in read_datalist_file(path).values() for e in entries]
+    if path.is_file() or _is_dicom_series(path):
+        return [str(path)]
+    datalist = next((path / n for n in DATALIST_NAMES if (path / n).is_file()), None)
+    if datalist is not None:
+        return find_images(datalist)
+    for images_dir, _, test_dir in FOLDER_LAYOUTS:
+        if (path / images_dir).is_dir():
+            return list_images(path / images_dir) + list_images(path / test_dir)
+    found = []
+    for item in list_images(path):
+        found += find_images(item) if Path(item).is_dir() else [item]
+    return found
+
+
+def load_unlabeled(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    split: str = "training",
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    in_channels: int = 1,
+    check: bool = True,
+) -> list[dict]:
+    """One split of the unlabelled images of one or many ``sources`` (see :func:`find_images`), seeded and checked."""
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    images = sorted({image for source in sources for image in find_images(source)})
+    cases = split_cases([{"image": image} for image in images], val_fraction, seed).get(split, [])
+    if not cases:
+        raise DataError(f"{', '.join(map(str, sources))}: no images for the '{split}' split ({len(images)} found)")
+    if check:
+        for case in cases:
+            check_case(case, in_channels=in_channels)
+    logger.info("%d '%s' images from %d sources", len(cases), split, len(sources))
+    return cases
+
+
+class WarnIfNotCTd(MapTransform):
+    """Log a warning, once per file, for an image whose values do not look like CT in Hounsfield units (no air below
+    -500, or nothing denser than water, as for MRI or an already normalised volume): the HU window would flatten it."""
+
+    def __init__(self, keys: KeysCollection = "image") -> None:
+        super().__init__(keys)
+        self._warned: set[str] = set()
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            low, high = float(image.min()), float(image.max())
+            if low > -500 or high < 100:
+                name = str(getattr(image, "meta", {}).get("filename_or_obj", key))
+                if name not in self._warned:
+                    self._warned.add(name)
+                    logger.warning(
+                        "%s: values %.1f..%.1f do not look like CT in Hounsfield units; check the modality",
+                        name,
+                        low,
+                        high,
+                    )
+        return d

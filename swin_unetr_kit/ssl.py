@@ -1,0 +1,265 @@
+"""Self-supervised pre-training of the Swin UNETR encoder (Tang et al., CVPR 2022): the network with its three heads,
+the proxy-task views, and the combined loss.
+
+MONAI has the encoder (``SwinTransformer``, the ``swinViT`` of ``SwinUNETR``) and the contrastive loss; what it lacks
+is here:
+
+* :class:`SSLHead`: the encoder under the attribute name ``swinViT``, so its state dict keys are those of
+  ``SwinUNETR`` and the checkpoint loads into the segmentation bundles as it is; with a rotation classifier (4 classes)
+  and a contrastive projection (512-d) on two bottleneck tokens, and a convolutional decoder back to the input size;
+* :func:`rotate`, :func:`cutout` and :class:`SSLViewsd`: two independently rotated and masked views of each crop;
+* :class:`SSLLoss`: rotation cross-entropy + NT-Xent contrastive + L1 reconstruction, each weighted and logged, with
+  the contrastive negatives gathered across processes under ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from ignite.engine import Engine
+from ignite.metrics import Average
+from monai.config import KeysCollection
+from monai.engines.utils import IterationEvents
+from monai.losses import ContrastiveLoss
+from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.transforms import MapTransform, Randomizable
+from torch import nn
+
+from swin_unetr_kit.pretrained import LegacyPatchMerging
+
+# the plane of the reference code's rotation: the 2nd and 3rd spatial axes (tensor dims of a [C, X, Y, Z] crop)
+ROTATION_PLANE = (2, 3)
+
+
+class SSLHead(nn.Module):
+    """Swin UNETR encoder with the three self-supervised heads of the paper.
+
+    Args:
+        in_channels: image channels.
+        feature_size: embedding size of the encoder, a multiple of 12 (48 in the paper).
+        legacy_patch_merging: build the encoder with the patch-merging order of MONAI < 1.5, as the released weights
+            were trained with (see :class:`~swin_unetr_kit.pretrained.LegacyPatchMerging`).
+        use_checkpoint: gradient checkpointing in the encoder (less memory, slower).
+        use_v2: MONAI's SwinUNETR v2 encoder (extra residual blocks).
+        contrastive_dim: size of the contrastive embedding.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        feature_size: int = 48,
+        legacy_patch_merging: bool = False,
+        use_checkpoint: bool = False,
+        use_v2: bool = False,
+        contrastive_dim: int = 512,
+    ) -> None:
+        super().__init__()
+        if feature_size % 12:
+            raise ValueError(f"feature_size must be a multiple of 12, got {feature_size}")
+        # the same hyper-parameters as SwinUNETR's encoder, so the weights transfer one to one
+        self.swinViT = SwinTransformer(  # noqa: N815 (SwinUNETR's attribute name, kept so state dict keys match)
+            in_chans=in_channels,
+            embed_dim=feature_size,
+            window_size=(7, 7, 7),
+            patch_size=(2, 2, 2),
+            depths=(2, 2, 2, 2),
+            num_heads=(3, 6, 12, 24),
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            use_checkpoint=use_checkpoint,
+            spatial_dims=3,
+            downsample=LegacyPatchMerging if legacy_patch_merging else "merging",
+            use_v2=use_v2,
+        )
+        dim = 16 * feature_size
+        self.rotation_head = nn.Linear(dim, 4)
+        self.contrastive_head = nn.Linear(dim, contrastive_dim)
+        channels = [dim, dim // 2, dim // 4, dim // 8, dim // 16, dim // 16]
+        stages = []
+        for c_in, c_out in zip(channels[:-1], channels[1:], strict=True):
+            stages += [
+                nn.Conv3d(c_in, c_out, kernel_size=3, padding=1),
+                nn.InstanceNorm3d(c_out),
+                nn.LeakyReLU(),
+                nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+            ]
+        stages.append(nn.Conv3d(channels[-1], in_channels, kernel_size=1))
+        self.reconstruction_head = nn.Sequential(*stages)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return ``rotation`` logits [B, 4], ``contrastive`` embeddings [B, 512] and ``reconstruction`` [B, C, ...]."""
+        bottleneck = self.swinViT(x.contiguous())[4]
+        tokens = bottleneck.flatten(2).transpose(1, 2)  # B, tokens, 16 * feature_size
+        return {
+            "rotation": self.rotation_head(tokens[:, 0]),
+            "contrastive": self.contrastive_head(tokens[:, 1]),
+            "reconstruction": self.reconstruction_head(bottleneck),
+        }
+
+
+def rotate(volume: torch.Tensor, k: int, plane: tuple[int, int] = ROTATION_PLANE) -> torch.Tensor:
+    """``volume`` ([C, X, Y, Z]) turned by ``k`` quarter turns in ``plane``; :func:`rotate` with ``-k`` undoes it."""
+    return torch.rot90(volume, k, plane)
+
+
+def cutout(
+    volume: torch.Tensor,
+    rng: np.random.RandomState,
+    max_fraction: float = 0.3,
+    box_fraction: tuple[float, float] = (0.05, 0.25),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked volume inpainting input: random boxes of noise in [0, 1] until a drawn fraction of voxels is covered.
+
+    The target fraction is drawn uniformly in [0, ``max_fraction``]; box sides are ``box_fraction`` of each dimension.
+
+    Returns:
+        the masked copy of ``volume`` ([C, X, Y, Z]) and the boolean mask of replaced voxels ([X, Y, Z]).
+    """
+    spatial = volume.shape[1:]
+    mask = torch.zeros(spatial, dtype=torch.bool)
+    target = rng.uniform(0.0, max_fraction) * mask.numel()
+    masked = volume.clone()
+    while mask.sum() < target:
+        size = [max(1, int(round(rng.uniform(*box_fraction) * s))) for s in spatial]
+        start = [rng.randint(0, s - b + 1) for s, b in zip(spatial, size, strict=True)]
+        box = tuple(slice(o, o + b) for o, b in zip(start, size, strict=True))
+        mask[box] = True
+        noise = torch.from_numpy(rng.uniform(0.0, 1.0, (volume.shape[0], *size))).to(volume.dtype)
+        masked[(slice(None), *box)] = noise
+    return masked, mask
+
+
+class SSLViewsd(Randomizable, MapTransform):
+    """Two views of each crop for the three proxy tasks.
+
+    For view ``i`` in (1, 2): ``image{i}`` is the crop rotated by a random quarter turn and then masked by
+    :func:`cutout`; ``target{i}`` is the rotated crop before masking (the reconstruction target); ``rotation{i}`` is
+    the rotation class (0-3).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        max_mask_fraction: float = 0.3,
+        box_fraction: Sequence[float] = (0.05, 0.25),
+        plane: Sequence[int] = ROTATION_PLANE,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        self.max_mask_fraction = max_mask_fraction
+        self.box_fraction = (float(box_fraction[0]), float(box_fraction[1]))
+        self.plane = (int(plane[0]), int(plane[1]))
+
+    def randomize(self, data: object = None) -> None:
+        self.rotations = [int(self.R.randint(0, 4)) for _ in range(2)]
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        self.randomize()
+        for key in self.key_iterator(d):
+            crop = torch.as_tensor(d[key]).float()
+            for i, k in enumerate(self.rotations, start=1):
+                target = rotate(crop, k, self.plane)
+                d[f"{key}{i}"], _ = cutout(target, self.R, self.max_mask_fraction, self.box_fraction)
+                d[f"target{i}"] = target
+                d[f"rotation{i}"] = torch.tensor(k)
+        return d
+
+
+def prepare_ssl_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
+    """``prepare_batch`` for MONAI's trainers: both views stacked as one batch, their targets as the label."""
+
+    def stack(key: str) -> torch.Tensor:
+        return torch.cat([batchdata[f"{key}1"], batchdata[f"{key}2"]]).to(device=device, non_blocking=non_blocking)
+
+    inputs = stack("image")
+    targets = {"reconstruction": stack("target"), "rotation": stack("rotation").long()}
+    return torch.as_tensor(inputs), {k: torch.as_tensor(v) for k, v in targets.items()}
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    """All processes' rows of ``x``, keeping the gradient of this process's rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()))
+
+
+class SSLLoss(nn.Module):
+    """λ_rot · CE(rotation) + λ_con · NT-Xent(view 1, view 2) + λ_rec · L1(reconstruction, unmasked rotated crop).
+
+    Predictions come from :class:`SSLHead` on the batch of :func:`prepare_ssl_batch` (view 1 rows, then view 2 rows).
+    Under ``torch.distributed`` the contrastive term sees the embeddings of every process as negatives (the
+    reference code used only the local batch; a global batch is what SimCLR-style losses assume, and it makes the loss
+    independent of how a batch is split across GPUs). The terms of the last call are in :attr:`terms`, for logging.
+    """
+
+    def __init__(
+        self,
+        rotation_weight: float = 1.0,
+        contrastive_weight: float = 1.0,
+        reconstruction_weight: float = 1.0,
+        temperature: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.weights = {
+            "rotation": rotation_weight,
+            "contrastive": contrastive_weight,
+            "reconstruction": reconstruction_weight,
+        }
+        self.contrastive = ContrastiveLoss(temperature=temperature)
+        self.terms: dict[str, float] = {}
+
+    def forward(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        terms = ssl_terms(pred, target, self.contrastive)
+        self.terms = {name: float(value.detach()) for name, value in terms.items()}
+        total = sum(self.weights[name] * terms[name] for name in self.weights)
+        self.terms["total"] = float(total.detach())
+        return total
+
+
+def ssl_terms(
+    pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], contrastive: nn.Module
+) -> dict[str, torch.Tensor]:
+    """The three unweighted loss terms, and the rotation accuracy (no gradient)."""
+    half = pred["contrastive"].shape[0] // 2
+    z = F.normalize(pred["contrastive"].float(), dim=1)
+    rotation = F.cross_entropy(pred["rotation"].float(), target["rotation"])
+    return {
+        "rotation": rotation,
+        "contrastive": contrastive(_gather(z[:half]), _gather(z[half:])),
+        "reconstruction": F.l1_loss(pred["reconstruction"].float(), target["reconstruction"].float()),
+        "rotation_accuracy": (pred["rotation"].argmax(1) == target["rotation"]).float().mean().detach(),
+    }
+
+
+def ssl_metric(name: str, loss: SSLLoss) -> Average:
+    """Validation metric: the batch-averaged ``name`` term of :func:`ssl_terms` (``total``: the weighted sum)."""
+
+    def select(output: Mapping) -> torch.Tensor:
+        terms = ssl_terms(output["pred"], output["label"], loss.contrastive)
+        if name == "total":
+            return sum(loss.weights[k] * terms[k] for k in loss.weights).detach()
+        return terms[name].detach()
+
+    return Average(output_transform=select)
+
+
+class GradientClipping:
+    """Clip the gradient norm after the backward pass of MONAI's trainers, before the optimiser step (AMP-aware)."""
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def attach(self, engine: Engine) -> None:
+        if self.max_norm and self.max_norm > 0:
+            engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
+            engine.scaler.unscale_(engine.optimizer)
+        torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
