@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import LoadImage, MapTransform
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ def _header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
             raise DataError(f"{path}: expected a 3D volume, found shape {shape}")
         channels = int(np.prod(shape[3:])) if len(shape) > 3 else 1
         return shape[:3], affine, channels
-    from monai.transforms import LoadImage  # DICOM series and other formats: read through MONAI (ITK)
-
+    # DICOM series and other formats: read through MONAI (ITK)
     try:
         data = LoadImage(image_only=True, ensure_channel_first=True)(path)
     except Exception as exc:
@@ -229,8 +228,6 @@ def _ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...], n
 def _label_values(path: str) -> np.ndarray:
     if path.endswith((".nii", ".nii.gz")):
         return np.unique(np.asanyarray(nib.load(path).dataobj))
-    from monai.transforms import LoadImage
-
     return np.unique(np.asarray(LoadImage(image_only=True)(path)))
 
 

@@ -195,7 +195,9 @@ class SSLLoss(nn.Module):
     Predictions come from :class:`SSLHead` on the batch of :func:`prepare_ssl_batch` (view 1 rows, then view 2 rows).
     Under ``torch.distributed`` the contrastive term sees the embeddings of every process as negatives (the
     reference code used only the local batch; a global batch is what SimCLR-style losses assume, and it makes the loss
-    independent of how a batch is split across GPUs). The terms of the last call are in :attr:`terms`, for logging.
+    independent of how a batch is split across GPUs). Every process then computes the same global loss; the gather's
+    backward sums the processes' gradients for each one's rows, and DDP's gradient averaging turns that sum back into
+    the global loss's gradient. The terms of the last call are in :attr:`terms`, for logging.
     """
 
     def __init__(

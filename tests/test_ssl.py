@@ -251,3 +251,47 @@ def test_torchrun_two_cpu_processes(unlabeled_ct, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "models" / "latest.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
     assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 2  # rank 0 alone writes
+
+
+def _contrastive_on_two_processes(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, results) -> None:
+    import torch.distributed as dist
+
+    from swin_unetr_kit.ssl import ssl_terms
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    half = z1.shape[0] // 2
+    mine = slice(rank * half, (rank + 1) * half)
+    local1 = z1[mine].clone().requires_grad_(True)
+    pred = {
+        "contrastive": torch.cat([local1, z2[mine]]),
+        "rotation": torch.zeros(2 * half, 4),
+        "reconstruction": torch.zeros(1),
+    }
+    target = {"rotation": torch.zeros(2 * half, dtype=torch.long), "reconstruction": torch.zeros(1)}
+    loss = ssl_terms(pred, target, SSLLoss().contrastive)["contrastive"]
+    loss.backward()
+    results[rank] = (float(loss), local1.grad.clone())
+    dist.destroy_process_group()
+
+
+def test_contrastive_negatives_are_gathered_across_processes():
+    """Two processes with half a batch each compute the loss of the whole batch, and its gradient for their rows."""
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
+    manager = torch.multiprocessing.Manager()
+    results = manager.dict()
+    torch.multiprocessing.spawn(_contrastive_on_two_processes, args=(29523, z1, z2, results), nprocs=2)
+    full1 = z1.clone().requires_grad_(True)
+    pred = {"contrastive": torch.cat([full1, z2]), "rotation": torch.zeros(16, 4), "reconstruction": torch.zeros(1)}
+    target = {"rotation": torch.zeros(16, dtype=torch.long), "reconstruction": torch.zeros(1)}
+    from swin_unetr_kit.ssl import ssl_terms
+
+    expected = ssl_terms(pred, target, SSLLoss().contrastive)["contrastive"]
+    expected.backward()
+    for rank in (0, 1):
+        loss, grad = results[rank]
+        assert loss == pytest.approx(float(expected), abs=1e-5)
+        # every process computes the same global loss, and all_gather's backward sums their gradients for this
+        # process's rows: 2x the global gradient, which DDP's averaging over the 2 processes brings back to 1x
+        rows = slice(rank * 4, (rank + 1) * 4)
+        torch.testing.assert_close(grad, 2 * full1.grad[rows], atol=1e-5, rtol=1e-4)
