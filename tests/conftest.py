@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,8 +83,6 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     cases.append(write_ct_case(root, "case3", shape=(30, 28, 24), seed=3))  # smaller than the ROI: padded
     (root / "imagesTs").mkdir()
     shutil.copy(cases[0]["image"], root / "imagesTs" / "test0.nii.gz")
-    import json
-
     relative = [{k: os.path.relpath(v, root) for k, v in c.items()} for c in cases]
     (root / "dataset_0.json").write_text(
         json.dumps({"training": relative[:2], "validation": relative[2:], "test": [{"image": "imagesTs/test0.nii.gz"}]})
@@ -100,6 +100,22 @@ def sample_dataset() -> Path:
 
 def configs(*names: str, bundle: Path = BTCV_BUNDLE) -> list[str]:
     return [str(bundle / "configs" / f"{n}.json") for n in names]
+
+
+def torchrun_bundle(config_files: list[str], port: int, **overrides) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m monai.bundle run`` on the CPU (gloo), as the bundles' READMEs show it."""
+    args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    cmd += ["-m", "monai.bundle", "run", "--config_file", json.dumps(config_files), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def released_layout(encoder_state: dict) -> dict:
+    """An encoder state dict as the released model_swinvit.pt stores it: module.-prefixed keys, fc1/fc2 MLP names."""
+    renamed = (k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.") for k in encoder_state)
+    return {"state_dict": {f"module.{k}": v for k, v in zip(renamed, encoder_state.values(), strict=True)}}
 
 
 def run_workflow(config_files: list[str], workflow_type: str = "train", **overrides):

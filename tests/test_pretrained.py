@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import configs
+from conftest import configs, released_layout
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import SwinUNETR
 
@@ -24,15 +24,13 @@ def _net(feature_size: int = 12, seed: int = 0, **kwargs) -> SwinUNETR:
 
 
 def _released_layout(encoder_state: dict) -> dict:
-    """A checkpoint as the released model_swinvit.pt stores it: module.-prefixed keys, fc1/fc2 MLP names, heads."""
-    state = {
-        "module." + k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
-        for k, v in encoder_state.items()
-    }
-    state["module.rotation_head.weight"] = torch.randn(4, 192)
-    state["module.contrastive_head.weight"] = torch.randn(512, 192)
-    state["module.conv.0.weight"] = torch.randn(96, 192, 3, 3, 3)
-    return {"state_dict": state, "epoch": 100}
+    """The released layout with the heads the file also carries (rotation, contrastive, reconstruction)."""
+    checkpoint = released_layout(encoder_state)
+    checkpoint["state_dict"]["module.rotation_head.weight"] = torch.randn(4, 192)
+    checkpoint["state_dict"]["module.contrastive_head.weight"] = torch.randn(512, 192)
+    checkpoint["state_dict"]["module.conv.0.weight"] = torch.randn(96, 192, 3, 3, 3)
+    checkpoint["epoch"] = 100
+    return checkpoint
 
 
 def _assert_encoders_equal(a: SwinUNETR, b: SwinUNETR) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, configs, run_workflow, write_ct_case
+from conftest import REPO, configs, released_layout, run_workflow, torchrun_bundle, write_ct_case
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import SwinUNETR
 
@@ -23,6 +21,7 @@ SMALL_SSL = {
     "feature_size": 12,
     "roi_size": [64, 64, 64],
     "num_samples": 1,
+    "val_num_samples": 1,
     "batch_size": 2,
     "num_workers": 0,
     "val_fraction": 0.34,
@@ -191,12 +190,7 @@ def test_pretrain_resume_and_hand_off_to_segmentation(unlabeled_ct, tmp_path):
 
 def test_continue_from_released_checkpoint_layout(tmp_path):
     source = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
-    released = {
-        "state_dict": {
-            "module." + k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
-            for k, v in source.swinViT.state_dict().items()
-        }
-    }
+    released = released_layout(source.swinViT.state_dict())
     torch.save(released, tmp_path / "model_swinvit.pt")
     workflow = ConfigWorkflow(
         config_file=ssl_configs("train"),
@@ -226,29 +220,14 @@ def test_metadata_and_properties(tmp_path):
 
 
 def test_torchrun_two_cpu_processes(unlabeled_ct, tmp_path):
-    overrides = {**SMALL_SSL, "batch_size": 1, "num_steps": 2, "val_interval": 1, "val_fraction": 0.5}
-    args = [f"--{k}={json.dumps(v)}" for k, v in overrides.items()]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29519",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        json.dumps(ssl_configs("train", "multi_gpu_train")),
-        "--bundle_root",
-        str(tmp_path),
-        "--dataset_dir",
-        str(unlabeled_ct / "a"),
-        *args,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun_bundle(
+        ssl_configs("train", "multi_gpu_train"),
+        port=29519,
+        **SMALL_SSL,
+        bundle_root=str(tmp_path),
+        dataset_dir=str(unlabeled_ct / "a"),
+        **{"batch_size": 1, "num_steps": 2, "val_interval": 1, "val_fraction": 0.5},
+    )
     assert (tmp_path / "models" / "latest.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
     assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 2  # rank 0 alone writes
 
