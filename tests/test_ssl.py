@@ -223,10 +223,11 @@ def test_torchrun_two_cpu_processes(unlabeled_ct, tmp_path):
     torchrun_bundle(
         ssl_configs("train", "multi_gpu_train"),
         port=29519,
-        **SMALL_SSL,
+        **{**SMALL_SSL, "batch_size": 1, "val_fraction": 0.5},
         bundle_root=str(tmp_path),
         dataset_dir=str(unlabeled_ct / "a"),
-        **{"batch_size": 1, "num_steps": 2, "val_interval": 1, "val_fraction": 0.5},
+        num_steps=2,
+        val_interval=1,
     )
     assert (tmp_path / "models" / "latest.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
     assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 2  # rank 0 alone writes

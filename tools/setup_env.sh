@@ -19,7 +19,8 @@ fi
 pip=("$py" -m pip install --quiet --disable-pip-version-check)
 "$py" -c "import torch" 2>/dev/null || "${pip[@]}" torch==2.13.0
 "${pip[@]}" -r "$requirements"
-# the shared package, editable so that the bundles always use this checkout's code
-"$py" -c "import swin_unetr_kit, sys; sys.exit(not swin_unetr_kit.__file__.startswith('$root/'))" 2>/dev/null ||
+# the shared package, editable so that the bundles always use this checkout's code; checked from / so that the
+# checkout itself (the current folder) does not pass for an installed package
+(cd / && "$py" -c "import swin_unetr_kit, sys; sys.exit(not swin_unetr_kit.__file__.startswith('$root/'))") 2>/dev/null ||
   "${pip[@]}" --no-deps -e "$root"
 echo "environment ready: $py"
