@@ -31,6 +31,8 @@ _WRAPPER_KEYS = ("state_dict", "model", "network", "encoder", "model_state_dict"
 _KEY_PREFIXES = ("module.", "swinViT.", "encoder.")
 # the released checkpoint names the MLP layers like timm, MONAI's MLPBlock names them linear1/linear2
 _RENAMES = ((".mlp.fc1.", ".mlp.linear1."), (".mlp.fc2.", ".mlp.linear2."))
+# the only encoder tensor whose shape depends on the number of input channels
+PATCH_EMBED_KEY = "patch_embed.proj.weight"
 
 
 class PretrainedWeightsError(ValueError):
@@ -89,19 +91,54 @@ def encoder_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return {_normalise_key(k): v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
 
-def load_pretrained_encoder(network: SwinUNETR, ckpt_path: str | None) -> SwinUNETR:
+def load_pretrained_encoder(network: SwinUNETR, ckpt_path: str | None, adapt_in_channels: bool = True) -> SwinUNETR:
     """Return ``network`` with its encoder initialised from ``ckpt_path``; nothing is loaded when the path is empty.
 
     A config routes its network through this function so that one override (``--pretrained_ckpt PATH``) turns the
     initialisation on.
     """
     if ckpt_path:
-        load_encoder_weights(network.swinViT, ckpt_path)
+        load_encoder_weights(network.swinViT, ckpt_path, adapt_in_channels)
     return network
 
 
-def load_encoder_weights(encoder: torch.nn.Module, ckpt_path: str) -> int:
+def _fit_input_channels(
+    matched: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor], adapt: bool, ckpt_path: str
+) -> None:
+    """Fit the patch embedding of a checkpoint trained on another number of input channels (the 1-channel CT weights
+    into a 4-channel MRI network): spread its summed kernel evenly over the network's channels, so that an input
+    repeated on every channel gives the pre-trained response, or leave it out when ``adapt`` is False. Logs which."""
+    key = PATCH_EMBED_KEY
+    if key not in matched or matched[key].shape == expected[key].shape:
+        return
+    weight, target = matched[key], expected[key]
+    if weight.shape[:1] + weight.shape[2:] != target.shape[:1] + target.shape[2:]:
+        return  # another feature_size or patch size: reported as a shape mismatch
+    if not adapt:
+        del matched[key]
+        logger.warning(
+            "pretrained encoder: %s has %d input channels, the network %d: patch embedding skipped (random init)",
+            ckpt_path,
+            weight.shape[1],
+            target.shape[1],
+        )
+        return
+    channels = target.shape[1]
+    matched[key] = weight.sum(1, keepdim=True).repeat(1, channels, *([1] * (weight.ndim - 2))) / channels
+    logger.warning(
+        "pretrained encoder: %s has %d input channels, the network %d: patch embedding adapted (summed kernel spread "
+        "evenly over the channels)",
+        ckpt_path,
+        weight.shape[1],
+        channels,
+    )
+
+
+def load_encoder_weights(encoder: torch.nn.Module, ckpt_path: str, adapt_in_channels: bool = True) -> int:
     """Copy the encoder tensors in ``ckpt_path`` into ``encoder`` (a ``SwinTransformer``), log and return their count.
+
+    A checkpoint with another number of input channels has its patch embedding adapted (``adapt_in_channels``) or
+    skipped; every other difference in shape is an error.
 
     Raises:
         PretrainedWeightsError: the file is missing or unreadable, a tensor's shape differs from the network's (another
@@ -119,6 +156,7 @@ def load_encoder_weights(encoder: torch.nn.Module, ckpt_path: str) -> int:
     expected = encoder.state_dict()
     found = encoder_state_dict(checkpoint)
     matched = {k: v for k, v in found.items() if k in expected}
+    _fit_input_channels(matched, expected, adapt_in_channels, ckpt_path)
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs network {tuple(expected[k].shape)}"
         for k, v in matched.items()

@@ -127,3 +127,63 @@ def run_workflow(config_files: list[str], workflow_type: str = "train", **overri
     workflow.run()
     workflow.finalize()
     return workflow
+
+
+# per MSD task: (spatial shape, spacing) of a small generated case with the task's typical geometry
+MSD_GEOMETRY = {
+    "Task01_BrainTumour": ((48, 56, 40), (1.0, 1.0, 1.0)),
+    "Task02_Heart": ((48, 48, 36), (1.25, 1.25, 1.37)),
+    "Task03_Liver": ((56, 56, 48), (0.77, 0.77, 1.0)),
+    "Task04_Hippocampus": ((36, 50, 35), (1.0, 1.0, 1.0)),  # smaller than the 64^3 window
+    "Task05_Prostate": ((64, 64, 16), (0.62, 0.62, 3.6)),
+    "Task06_Lung": ((56, 56, 48), (0.79, 0.79, 1.24)),
+    "Task07_Pancreas": ((56, 56, 24), (0.8, 0.8, 2.5)),
+    "Task08_HepaticVessel": ((56, 56, 40), (0.8, 0.8, 1.5)),
+    "Task09_Spleen": ((56, 56, 36), (0.79, 0.79, 1.6)),
+    "Task10_Colon": ((56, 56, 20), (0.78, 0.78, 3.0)),
+}
+
+
+def write_msd_task(root: Path, task: str, settings: dict, num_cases: int = 2) -> Path:
+    """An MSD-layout data set of ``task`` (dataset.json, imagesTr, labelsTr, imagesTs) with small generated cases:
+    the task's channel count (4D NIfTI for several), label values and geometry, every label present as nested
+    spheres in a body, CT in HU and MRI as positive values on a zero background."""
+    shape, spacing = MSD_GEOMETRY[task]
+    folder = root / task
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    training = []
+    for i in range(num_cases + 1):
+        rng = np.random.default_rng(i)
+        centre = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+        body = (((grid - centre) / (np.array(shape) / 2 * 0.9)) ** 2).sum(-1) < 1
+        label = np.zeros(shape, np.uint8)
+        for value in range(1, settings["num_labels"]):
+            radius = min(shape) * (0.35 - 0.08 * value)
+            label[(((grid - centre) ** 2).sum(-1) < radius**2) & body] = value
+        ct = settings["modality"] == "CT"
+        channels = []
+        for c in range(settings["in_channels"]):
+            image = np.where(body, 40.0 if ct else 300.0 + 50 * c, -1000.0 if ct else 0.0)
+            image = image + np.where(label > 0, 30.0 * label + 10 * c, 0.0) + rng.normal(0, 5, shape) * body
+            channels.append(image)
+        image = np.stack(channels, -1) if len(channels) > 1 else channels[0]
+        affine = np.diag([*spacing, 1.0])
+        name = f"{task.split('_')[1].lower()}_{i:03d}.nii.gz"
+        if i == num_cases:  # the last case is the unlabelled test image
+            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), folder / "imagesTs" / name)
+            continue
+        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), folder / "imagesTr" / name)
+        nib.save(nib.Nifti1Image(label, affine), folder / "labelsTr" / name)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    description = {
+        "name": task.split("_")[1],
+        "modality": {str(i): c for i, c in enumerate(settings["channels"])},
+        "labels": settings["labels"],
+        "numTraining": num_cases,
+        "training": training,
+        "test": [f"./imagesTs/{task.split('_')[1].lower()}_{num_cases:03d}.nii.gz"],
+    }
+    (folder / "dataset.json").write_text(json.dumps(description, indent=4))
+    return folder

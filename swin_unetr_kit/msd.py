@@ -1,0 +1,240 @@
+"""The Medical Segmentation Decathlon tasks as data: the task table, k-fold and label-fraction splits, per-task
+intensity normalisation, and the BrainTumour label <-> nested-region conversion.
+
+The table itself lives in the MSD bundle (``configs/tasks.json``); this module reads it, derives what the configs need
+(output channels, class names) and checks a data set's own ``dataset.json`` against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
+from monai.utils import convert_to_dst_type
+
+from swin_unetr_kit.data import DataError, build_datalist, check_case
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownTaskError(ValueError):
+    """A task name that is not in the task table; the message lists the known ones."""
+
+
+def read_task_table(tasks_file: str | os.PathLike) -> dict[str, dict]:
+    """The task table (task name -> settings) in ``tasks_file``, without its ``_comment`` entries."""
+    path = Path(tasks_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: task table not found (set --tasks_file or --bundle_root)")
+    table = json.loads(path.read_text())
+    return {name: settings for name, settings in table.items() if not name.startswith("_")}
+
+
+def task_settings(task: str, tasks_file: str | os.PathLike) -> dict:
+    """The settings of ``task`` from the table, with the derived ``num_labels``, ``out_channels``, ``sigmoid`` and
+    ``class_names`` (the scored output channels: the regions, or the labels without background).
+
+    Raises:
+        UnknownTaskError: ``task`` is not in the table.
+    """
+    table = read_task_table(tasks_file)
+    if task not in table:
+        raise UnknownTaskError(f"unknown MSD task '{task}'; choose one of: {', '.join(table)}")
+    settings = dict(table[task], task=task)
+    labels = settings["labels"]
+    if sorted(int(k) for k in labels) != list(range(len(labels))):
+        raise ValueError(f"{tasks_file}: {task} labels must be numbered 0..{len(labels) - 1}, found {list(labels)}")
+    regions = settings.get("regions")
+    settings["num_labels"] = len(labels)
+    settings["sigmoid"] = bool(regions)
+    settings["out_channels"] = len(regions) if regions else len(labels)
+    settings["class_names"] = list(regions) if regions else [labels[str(i)] for i in range(1, len(labels))]
+    if regions:
+        region_label_values(regions)  # fails early on regions that cannot be turned back into labels
+    return settings
+
+
+def channel_def(settings: Mapping) -> dict[str, str]:
+    """The network output channels as metadata's ``channel_def`` (MONAI Label reads label names from it)."""
+    if settings["sigmoid"]:
+        return {str(i): name for i, name in enumerate(settings["class_names"])}
+    return {str(i): settings["labels"][str(i)] for i in range(settings["num_labels"])}
+
+
+def check_dataset_json(dataset_dir: str | os.PathLike, settings: Mapping) -> None:
+    """Compare the labels and channel count in ``dataset_dir/dataset.json`` (as MSD distributes it) with the table's,
+    so that a data set of another task, or a relabelled one, is an error before training rather than a wrong model."""
+    path = Path(dataset_dir) / "dataset.json"
+    if not path.is_file():
+        return
+    try:
+        described = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not a readable dataset.json ({exc})") from exc
+    labels, modality = described.get("labels"), described.get("modality")
+    if isinstance(modality, Mapping) and len(modality) != settings["in_channels"]:
+        raise DataError(
+            f"{path}: {len(modality)} input channels {dict(modality)}, {settings['task']} expects "
+            f"{settings['in_channels']} (wrong --task?)"
+        )
+    if isinstance(labels, Mapping) and sorted(labels, key=int) != sorted(settings["labels"], key=int):
+        raise DataError(
+            f"{path}: labels {dict(labels)} do not match {settings['task']}'s {settings['labels']} (wrong --task?)"
+        )
+
+
+def kfold_split(cases: Sequence[dict], num_folds: int = 5, fold: int = 0, seed: int = 0) -> dict[str, list[dict]]:
+    """Seeded k-fold split: fold ``fold`` of ``num_folds`` is ``validation``, the others ``training``.
+
+    The folds are disjoint and together hold every case; the same seed gives the same folds on every machine.
+    """
+    if num_folds < 2:
+        raise ValueError(f"num_folds must be at least 2, got {num_folds}")
+    if not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
+    if len(cases) < num_folds:
+        raise DataError(f"{len(cases)} labelled cases cannot make {num_folds} folds")
+    order = sorted(cases, key=lambda c: str(c["image"]))
+    random.Random(seed).shuffle(order)
+    return {
+        "training": [c for i, c in enumerate(order) if i % num_folds != fold],
+        "validation": [c for i, c in enumerate(order) if i % num_folds == fold],
+    }
+
+
+def keep_fraction(cases: Sequence[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """A seeded ``fraction`` of ``cases`` (at least one), for data-efficiency experiments.
+
+    Smaller fractions are subsets of larger ones with the same seed (10 % within 25 % within 50 %), so that the
+    curves of an experiment differ only in the amount of data.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
+    order = sorted(cases, key=lambda c: str(c["image"]))
+    random.Random(seed).shuffle(order)
+    return order[: max(1, round(len(order) * fraction))]
+
+
+def load_task_datalist(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    settings: Mapping,
+    datalist_file: str | None = None,
+    num_folds: int = 5,
+    fold: int = 0,
+    seed: int = 0,
+    label_fraction: float = 1.0,
+    check: bool = True,
+) -> list[dict]:
+    """One split of an MSD data set: ``training``/``validation`` from the seeded k-fold split of the labelled cases
+    (``training`` cut to ``label_fraction``), or ``test``; every file checked against the task when ``check`` is set."""
+    check_dataset_json(dataset_dir, settings)
+    lists = build_datalist(dataset_dir, datalist_file, val_fraction=0.0, seed=seed)
+    labelled = lists.get("training", []) + lists.get("validation", [])
+    if split in ("training", "validation"):
+        cases = kfold_split(labelled, num_folds, fold, seed)[split]
+        if split == "training" and label_fraction < 1.0:
+            cases = keep_fraction(cases, label_fraction, seed)
+    else:
+        cases = lists.get(split, [])
+    if not cases:
+        raise DataError(f"{datalist_file or dataset_dir}: the '{split}' list of {settings['task']} is empty")
+    if check:
+        for case in cases:
+            check_case(case, in_channels=settings["in_channels"], num_classes=settings["num_labels"])
+    logger.info(
+        "%s: %d '%s' cases (fold %d of %d, label fraction %g)",
+        settings["task"],
+        len(cases),
+        split,
+        fold,
+        num_folds,
+        label_fraction if split == "training" else 1.0,
+    )
+    return cases
+
+
+def intensity_transform(settings: Mapping, keys: KeysCollection = "image") -> MapTransform:
+    """The task's intensity normalisation: CT clipped to its HU ``window`` and scaled to [0, 1]; MRI z-scored per
+    channel on its non-zero voxels (the background outside the head or body stays 0)."""
+    normalisation = settings["intensity"]
+    if "window" in normalisation:
+        low, high = normalisation["window"]
+        return ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    if normalisation.get("zscore") == "nonzero":
+        return NormalizeIntensityd(keys, nonzero=True, channel_wise=True)
+    raise ValueError(f"{settings['task']}: unknown intensity normalisation {dict(normalisation)}")
+
+
+def foreground(settings: Mapping) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Voxels that belong to the body (for ``CropForegroundd`` before normalisation): CT above the window's lower
+    bound, MRI non-zero."""
+    window = settings["intensity"].get("window")
+    threshold = float(window[0]) if window else 0.0
+    return lambda image: image > threshold
+
+
+def region_label_values(regions: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """For nested regions (BrainTumour: WT ⊃ TC ⊃ ET), the one label value each region adds to the regions inside it,
+    i.e. the value a voxel gets when that region is the innermost one predicted."""
+    values = {}
+    for name, labels in regions.items():
+        inner = set().union(*(set(o) for n, o in regions.items() if n != name and set(o) < set(labels)))
+        own = set(labels) - inner
+        if len(own) != 1:
+            raise ValueError(f"region {name} {list(labels)} must add exactly one label to the regions inside it")
+        values[name] = own.pop()
+    return values
+
+
+class LabelsToRegionsd(MapTransform):
+    """Turn a label map into one binary float channel per region (``{"TC": [2, 3], "WT": [1, 2, 3], "ET": [3]}``).
+
+    With ``regions`` empty or None the data pass unchanged, so that a config can apply it to every task.
+    """
+
+    def __init__(self, keys: KeysCollection, regions: Mapping[str, Sequence[int]] | None) -> None:
+        super().__init__(keys)
+        self.regions = dict(regions or {})
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if not self.regions:
+            return d
+        for key in self.key_iterator(d):
+            label = d[key]
+            values = label[0] if label.shape[0] == 1 else label
+            regions = torch.stack([torch.isin(values, torch.as_tensor(v)) for v in self.regions.values()])
+            d[key] = convert_to_dst_type(regions, label, dtype=torch.float32)[0]  # targets of sigmoid losses
+        return d
+
+
+class RegionsToLabelsd(MapTransform):
+    """Turn binary region channels back into label values, the innermost predicted region winning (an enhancing
+    tumour voxel becomes 3 even where the whole-tumour channel missed it). Identity without regions."""
+
+    def __init__(self, keys: KeysCollection, regions: Mapping[str, Sequence[int]] | None) -> None:
+        super().__init__(keys)
+        self.regions = dict(regions or {})
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if not self.regions:
+            return d
+        values = region_label_values(self.regions)
+        outer_first = sorted(self.regions, key=lambda name: -len(self.regions[name]))
+        names = list(self.regions)
+        for key in self.key_iterator(d):
+            masks = d[key]
+            labels = torch.zeros_like(masks[:1])
+            for name in outer_first:
+                labels[0][masks[names.index(name)] > 0] = values[name]
+            d[key] = labels
+        return d

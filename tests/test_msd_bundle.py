@@ -1,0 +1,277 @@
+"""The MSD bundle: every task one override away, its splits, the BrainTumour regions, and SSL weights for CT tasks."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, SCHEMA, SMALL, run_workflow, torchrun_bundle, write_msd_task
+from monai.bundle import ConfigWorkflow
+from msd_metadata import task_metadata
+
+from swin_unetr_kit.data import DataError
+from swin_unetr_kit.msd import (
+    LabelsToRegionsd,
+    RegionsToLabelsd,
+    UnknownTaskError,
+    keep_fraction,
+    kfold_split,
+    task_settings,
+)
+from swin_unetr_kit.ssl import SSLHead
+
+MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
+TASKS_FILE = MSD_BUNDLE / "configs" / "tasks.json"
+TASKS = [t for t in json.loads(TASKS_FILE.read_text()) if not t.startswith("_")]
+# the tasks' own spacing is kept (the generated cases are small at it), the rest of the small test configuration used
+MSD_SMALL = {k: v for k, v in SMALL.items() if k != "pixdim"}
+
+
+def msd_configs(*names: str) -> list[str]:
+    return [str(MSD_BUNDLE / "configs" / f"{n}.json") for n in names]
+
+
+def parse(config_files: list[str], **overrides) -> ConfigWorkflow:
+    """A bundle workflow whose items are parsed on demand, without running it."""
+    return ConfigWorkflow(config_file=config_files, workflow_type="train", **overrides)
+
+
+def outputs(tmp_path) -> dict:
+    """Outputs in tmp_path while the bundle's own files (tasks.json) are read from the bundle."""
+    return {
+        "bundle_root": str(MSD_BUNDLE),
+        "ckpt_dir": str(tmp_path / "models"),
+        "output_dir": str(tmp_path / "eval"),
+    }
+
+
+def test_the_ten_tasks():
+    assert TASKS == [
+        "Task01_BrainTumour",
+        "Task02_Heart",
+        "Task03_Liver",
+        "Task04_Hippocampus",
+        "Task05_Prostate",
+        "Task06_Lung",
+        "Task07_Pancreas",
+        "Task08_HepaticVessel",
+        "Task09_Spleen",
+        "Task10_Colon",
+    ]
+    brain = task_settings("Task01_BrainTumour", TASKS_FILE)
+    assert (brain["in_channels"], brain["out_channels"], brain["sigmoid"]) == (4, 3, True)
+    assert brain["class_names"] == ["TC", "WT", "ET"] and brain["roi_size"] == [128, 128, 128]
+    prostate = task_settings("Task05_Prostate", TASKS_FILE)
+    assert (prostate["in_channels"], prostate["out_channels"], prostate["sigmoid"]) == (2, 3, False)
+    liver = task_settings("Task03_Liver", TASKS_FILE)
+    assert liver["class_names"] == ["liver", "cancer"] and liver["ssl_init"]
+    assert [t for t in TASKS if task_settings(t, TASKS_FILE)["ssl_init"]] == [
+        t for t in TASKS if task_settings(t, TASKS_FILE)["modality"] == "CT"
+    ]
+
+
+def test_unknown_task_is_an_error_listing_the_ten(tmp_path):
+    with pytest.raises(UnknownTaskError) as error:
+        task_settings("Task11_Kidney", TASKS_FILE)
+    assert all(task in str(error.value) for task in TASKS)
+    with pytest.raises(RuntimeError) as error:  # through the bundle, as a user meets it
+        run_workflow(msd_configs("train"), task="Task11_Kidney", **outputs(tmp_path), dataset_dir=str(tmp_path))
+    chain = [error.value]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    assert any(isinstance(e, UnknownTaskError) for e in chain)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_trains_and_infers(task, tmp_path):
+    settings = task_settings(task, TASKS_FILE)
+    dataset = write_msd_task(tmp_path / "data", task, settings)
+    common = {**MSD_SMALL, **outputs(tmp_path), "task": task, "dataset_dir": str(dataset)}
+    workflow = run_workflow(
+        msd_configs("train"), **common, num_folds=2, **{"train#trainer#max_epochs": 1, "val_interval": 1}
+    )
+    network = workflow.parser.get_parsed_content("network")
+    assert network.swinViT.patch_embed.proj.in_channels == settings["in_channels"]
+    assert network.out.conv.conv.out_channels == settings["out_channels"]
+    assert "val_mean_dice" in workflow.parser.get_parsed_content("validate#evaluator").state.metrics
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+    predictions = tmp_path / "predictions"
+    inference = {k: v for k, v in common.items() if k not in ("num_samples", "cache_rate", "ckpt_dir")}
+    inference.update(ckpt_path=str(tmp_path / "models" / "model.pt"), output_dir=str(predictions))
+    run_workflow(msd_configs("inference"), **inference)
+    (image_file,) = (dataset / "imagesTs").iterdir()
+    (prediction_file,) = predictions.iterdir()
+    image, prediction = nib.load(image_file), nib.load(prediction_file)
+    # labels in the original geometry: Hippocampus (smaller than the window) padded and cropped back
+    assert prediction.shape == image.shape[:3]
+    np.testing.assert_allclose(prediction.affine, image.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(prediction.dataobj)).tolist()) <= set(range(settings["num_labels"]))
+
+
+def test_brain_tumour_regions_and_back():
+    regions = task_settings("Task01_BrainTumour", TASKS_FILE)["regions"]
+    label = torch.tensor([0, 1, 2, 3, 1, 3]).reshape(1, 6, 1, 1)
+    channels = LabelsToRegionsd("label", regions)({"label": label})["label"]
+    # TC = non-enhancing + enhancing, WT = all tumour, ET = enhancing (MSD labels 1 edema, 2 non-enhancing, 3 enhancing)
+    assert channels[:, :, 0, 0].tolist() == [[0, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 0, 1]]
+    assert torch.equal(RegionsToLabelsd("pred", regions)({"pred": channels})["pred"], label)
+    # the innermost predicted region wins where the predicted regions are not nested
+    only_et = torch.tensor([0, 0, 1]).reshape(3, 1, 1, 1)
+    assert RegionsToLabelsd("pred", regions)({"pred": only_et})["pred"].item() == 3
+    # other tasks pass unchanged
+    assert LabelsToRegionsd("label", None)({"label": label})["label"] is label
+
+
+def test_kfold_and_label_fraction_splits():
+    cases = [{"image": f"case{i:02d}.nii.gz"} for i in range(23)]
+    folds = [kfold_split(cases, num_folds=5, fold=f, seed=3) for f in range(5)]
+    validation = [c["image"] for split in folds for c in split["validation"]]
+    assert sorted(validation) == sorted(c["image"] for c in cases)  # complete and disjoint
+    for split in folds:
+        assert not {c["image"] for c in split["training"]} & {c["image"] for c in split["validation"]}
+        assert len(split["training"]) + len(split["validation"]) == 23
+    assert kfold_split(cases, 5, 2, seed=3) == folds[2]  # seeded
+    assert kfold_split(cases, 5, 2, seed=4) != folds[2]
+    training = folds[0]["training"]
+    fractions = {f: keep_fraction(training, f, seed=3) for f in (0.1, 0.25, 0.5, 1.0)}
+    assert [len(v) for v in fractions.values()] == [2, 4, 9, 18]
+    names = {f: {c["image"] for c in v} for f, v in fractions.items()}
+    assert names[0.1] < names[0.25] < names[0.5] < names[1.0]  # nested: only the amount of data differs
+    with pytest.raises(ValueError, match="fold must be"):
+        kfold_split(cases, 5, 5)
+    with pytest.raises(DataError, match="cannot make 5 folds"):
+        kfold_split(cases[:3], 5, 0)
+    with pytest.raises(ValueError, match="label_fraction"):
+        keep_fraction(cases, 0.0)
+
+
+def test_fraction_of_the_training_cases_through_the_bundle(tmp_path):
+    settings = task_settings("Task09_Spleen", TASKS_FILE)
+    dataset = write_msd_task(tmp_path / "data", "Task09_Spleen", settings, num_cases=8)
+    workflow = parse(
+        msd_configs("train"),
+        **MSD_SMALL,
+        **outputs(tmp_path),
+        dataset_dir=str(dataset),
+        num_folds=4,
+        fold=1,
+        label_fraction=0.5,
+    )
+    training = workflow.parser.get_parsed_content("train#dataset").data
+    validation = workflow.parser.get_parsed_content("validate#dataset").data
+    assert (len(training), len(validation)) == (3, 2)  # half of the 6 training cases of fold 1
+    assert not {c["image"] for c in training} & {c["image"] for c in validation}
+
+
+def test_data_set_of_another_task_is_an_error(tmp_path):
+    spleen = write_msd_task(tmp_path / "data", "Task09_Spleen", task_settings("Task09_Spleen", TASKS_FILE))
+    with pytest.raises(RuntimeError) as error:
+        run_workflow(
+            msd_configs("train"), **MSD_SMALL, **outputs(tmp_path), task="Task03_Liver", dataset_dir=str(spleen)
+        )
+    assert f"{spleen / 'dataset.json'}: labels" in str(error.value.__cause__)
+    with pytest.raises(RuntimeError) as error:
+        run_workflow(
+            msd_configs("train"), **MSD_SMALL, **outputs(tmp_path), task="Task01_BrainTumour", dataset_dir=str(spleen)
+        )
+    assert "input channels" in str(error.value.__cause__)
+
+
+def test_evaluate_brain_tumour_regions_per_case_and_summary(tmp_path):
+    task = "Task01_BrainTumour"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=2)
+    common = {**MSD_SMALL, **outputs(tmp_path), "task": task, "dataset_dir": str(dataset), "num_folds": 2}
+    run_workflow(msd_configs("train"), **common, **{"train#trainer#max_epochs": 1, "val_interval": 1})
+    run_workflow(msd_configs("train", "evaluate"), workflow_type="eval", **common)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(report["summary"]["dice"]) == set(report["summary"]["hd95"]) == {"TC", "WT", "ET", "mean"}
+    assert len(report["per_case"]) == 1 and set(next(iter(report["per_case"].values()))["dice"]) == {
+        "TC",
+        "WT",
+        "ET",
+        "mean",
+    }
+    (prediction,) = (tmp_path / "eval" / "predictions").iterdir()
+    values = set(np.unique(np.asarray(nib.load(prediction).dataobj)).tolist())
+    assert values <= {0, 1, 2, 3}  # written back as MSD labels, not regions
+
+
+def _ssl_checkpoint(path, in_channels: int = 1) -> dict:
+    """An encoder checkpoint as the SSL bundle writes it (its network's state dict: swinViT.* plus heads)."""
+    state = SSLHead(in_channels=in_channels, feature_size=12).state_dict()
+    torch.save(state, path)
+    return {k[len("swinViT.") :]: v for k, v in state.items() if k.startswith("swinViT.")}
+
+
+class _Messages(logging.Handler):
+    """Collects the messages of a logger (a bundle's logging.conf replaces the root handlers pytest's caplog uses)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += record.getMessage() + "\n"
+
+
+def _load_network(workflow: ConfigWorkflow) -> tuple[torch.nn.Module, str]:
+    """The workflow's network and what the pretrained loader logged while building it."""
+    messages, logger = _Messages(), logging.getLogger("swin_unetr_kit.pretrained")
+    logger.addHandler(messages)
+    try:
+        return workflow.parser.get_parsed_content("network"), messages.text
+    finally:
+        logger.removeHandler(messages)
+
+
+def test_ssl_weights_into_a_ct_task_and_adapted_for_multichannel_mri(tmp_path):
+    encoder = _ssl_checkpoint(tmp_path / "ssl.pt")
+    common = {**outputs(tmp_path), "pretrained_ckpt": str(tmp_path / "ssl.pt"), "network_def#feature_size": 12}
+    network, log = _load_network(parse(msd_configs("train"), task="Task03_Liver", **common))
+    loaded = network.swinViT.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in encoder.items()) and len(encoder) == 126
+    assert "loaded 126 of 126 encoder tensors" in log
+
+    network, log = _load_network(parse(msd_configs("train"), task="Task01_BrainTumour", **common))
+    weight = network.swinViT.patch_embed.proj.weight
+    assert weight.shape[1] == 4
+    torch.testing.assert_close(weight.sum(1), encoder["patch_embed.proj.weight"].sum(1))
+    assert "1 input channels, the network 4: patch embedding adapted" in log and "loaded 126 of 126" in log
+
+    workflow = parse(msd_configs("train"), task="Task01_BrainTumour", adapt_in_channels=False, **common)
+    _, log = _load_network(workflow)
+    assert "patch embedding skipped" in log and "loaded 125 of 126" in log
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_metadata_of_every_task_is_valid(task):
+    schema = json.loads(SCHEMA.read_text())
+    meta = task_metadata(task, MSD_BUNDLE)
+    jsonschema.validate(meta, schema)
+    settings = task_settings(task, TASKS_FILE)
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == settings["in_channels"]
+    assert len(meta["network_data_format"]["outputs"]["pred"]["channel_def"]) == settings["out_channels"]
+    if task == "Task09_Spleen":  # the bundle's own metadata describes its default task
+        assert meta == json.loads((MSD_BUNDLE / "configs" / "metadata.json").read_text())
+
+
+def test_torchrun_two_cpu_processes_multichannel(tmp_path):
+    task = "Task05_Prostate"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=4)
+    torchrun_bundle(
+        msd_configs("train", "multi_gpu_train"),
+        port=29531,
+        **MSD_SMALL,
+        **outputs(tmp_path),
+        task=task,
+        dataset_dir=str(dataset),
+        num_folds=2,
+        **{"train#trainer#max_epochs": 1, "val_interval": 1},
+    )
+    assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "latest.pt").is_file()
