@@ -194,47 +194,42 @@ def region_label_values(regions: Mapping[str, Sequence[int]]) -> dict[str, int]:
     return values
 
 
-class LabelsToRegionsd(MapTransform):
-    """Turn a label map into one binary float channel per region (``{"TC": [2, 3], "WT": [1, 2, 3], "ET": [3]}``).
-
-    With ``regions`` empty or None the data pass unchanged, so that a config can apply it to every task.
-    """
+class _RegionsTransformd(MapTransform):
+    """Base of the label <-> region conversions: applies :meth:`convert` to each key; identity without regions, so
+    that a config can apply it to every task."""
 
     def __init__(self, keys: KeysCollection, regions: Mapping[str, Sequence[int]] | None) -> None:
         super().__init__(keys)
         self.regions = dict(regions or {})
 
+    def convert(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        if not self.regions:
-            return d
-        for key in self.key_iterator(d):
-            label = d[key]
-            values = label[0] if label.shape[0] == 1 else label
-            regions = torch.stack([torch.isin(values, torch.as_tensor(v)) for v in self.regions.values()])
-            d[key] = convert_to_dst_type(regions, label, dtype=torch.float32)[0]  # targets of sigmoid losses
+        if self.regions:
+            for key in self.key_iterator(d):
+                d[key] = self.convert(d[key])
         return d
 
 
-class RegionsToLabelsd(MapTransform):
+class LabelsToRegionsd(_RegionsTransformd):
+    """Turn a one-channel label map into one binary float channel per region (``{"TC": [2, 3], "WT": [1, 2, 3],
+    "ET": [3]}``), the targets of a sigmoid loss."""
+
+    def convert(self, tensor: torch.Tensor) -> torch.Tensor:
+        regions = torch.stack([torch.isin(tensor[0], torch.as_tensor(v)) for v in self.regions.values()])
+        return convert_to_dst_type(regions, tensor, dtype=torch.float32)[0]
+
+
+class RegionsToLabelsd(_RegionsTransformd):
     """Turn binary region channels back into label values, the innermost predicted region winning (an enhancing
-    tumour voxel becomes 3 even where the whole-tumour channel missed it). Identity without regions."""
+    tumour voxel becomes 3 even where the whole-tumour channel missed it)."""
 
-    def __init__(self, keys: KeysCollection, regions: Mapping[str, Sequence[int]] | None) -> None:
-        super().__init__(keys)
-        self.regions = dict(regions or {})
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        if not self.regions:
-            return d
+    def convert(self, tensor: torch.Tensor) -> torch.Tensor:
         values = region_label_values(self.regions)
-        outer_first = sorted(self.regions, key=lambda name: -len(self.regions[name]))
+        labels = torch.zeros_like(tensor[:1])
         names = list(self.regions)
-        for key in self.key_iterator(d):
-            masks = d[key]
-            labels = torch.zeros_like(masks[:1])
-            for name in outer_first:
-                labels[0][masks[names.index(name)] > 0] = values[name]
-            d[key] = labels
-        return d
+        for name in sorted(names, key=lambda n: -len(self.regions[n])):  # outermost first, innermost last
+            labels[0][tensor[names.index(name)] > 0] = values[name]
+        return labels
