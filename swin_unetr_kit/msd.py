@@ -100,7 +100,7 @@ def kfold_split(cases: Sequence[dict], num_folds: int = 5, fold: int = 0, seed: 
     if not 0 <= fold < num_folds:
         raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
     if len(cases) < num_folds:
-        raise DataError(f"{len(cases)} labelled cases cannot make {num_folds} folds")
+        raise DataError(f"{len(cases)} labelled cases cannot make {num_folds} folds (set --num_folds)")
     order = sorted(cases, key=lambda c: str(c["image"]))
     random.Random(seed).shuffle(order)
     return {

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, SCHEMA, SMALL, run_workflow, torchrun_bundle, write_msd_task
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigWorkflow, verify_net_in_out
 from msd_metadata import task_metadata
 
 from swin_unetr_kit.data import DataError
@@ -275,3 +275,35 @@ def test_torchrun_two_cpu_processes_multichannel(tmp_path):
         **{"train#trainer#max_epochs": 1, "val_interval": 1},
     )
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "latest.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("names", "workflow_type"), [(("train",), "train"), (("inference",), "infer"), (("train", "evaluate"), "infer")]
+)
+def test_check_properties(names, workflow_type, tmp_path):
+    dataset = write_msd_task(tmp_path / "data", "Task09_Spleen", task_settings("Task09_Spleen", TASKS_FILE), 5)
+    workflow = ConfigWorkflow(
+        config_file=msd_configs(*names),
+        workflow_type=workflow_type,
+        **outputs(tmp_path),
+        dataset_dir=str(dataset),
+        cache_rate=0.0,
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()
+
+
+@pytest.mark.parametrize("task", ["Task09_Spleen", "Task01_BrainTumour"])
+def test_verify_net_in_out_with_the_task_metadata(task, tmp_path):
+    meta_file = tmp_path / "metadata.json"
+    meta_file.write_text(json.dumps(task_metadata(task, MSD_BUNDLE)))
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(meta_file),
+        config_file=msd_configs("inference"),
+        n=1,
+        any=1,
+        bundle_root=str(MSD_BUNDLE),
+        task=task,
+        **{"network_def#feature_size": 12},
+    )
