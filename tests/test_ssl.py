@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, configs, released_layout, run_workflow, torchrun_bundle, write_ct_case
+from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
+from monai.data import SmartCacheDataset
 from monai.networks.nets import SwinUNETR
 
 from swin_unetr_kit.data import DataError, WarnIfNotCTd, load_unlabeled
@@ -186,6 +188,31 @@ def test_pretrain_resume_and_hand_off_to_segmentation(unlabeled_ct, tmp_path):
     assert loaded.keys() == encoder.keys() and len(loaded) == 126  # every encoder tensor accounted for
     for key, value in encoder.items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_smart_cache_replaces_part_of_the_cache_every_epoch(unlabeled_ct, tmp_path):
+    workflow = ConfigWorkflow(
+        config_file=ssl_configs("train", "smart_cache"),
+        workflow_type="train",
+        **{**SMALL_SSL, "batch_size": 1, "val_fraction": 0.25},
+        bundle_root=str(tmp_path),
+        dataset_dir=str(unlabeled_ct / "a"),
+        sources=[str(unlabeled_ct / "a"), str(unlabeled_ct / "b")],
+        smart_cache_num=2,
+        smart_replace_rate=0.5,
+        num_steps=3,
+        val_interval=1,
+    )
+    workflow.initialize()
+    dataset = workflow.parser.get_parsed_content("train#dataset")
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert isinstance(dataset, SmartCacheDataset)
+    assert (len(dataset.data), dataset.cache_num, dataset._replace_num) == (3, 2, 1)  # 2 of the 3 images held
+    held = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: held.append(dataset._start_pos))
+    workflow.run()
+    workflow.finalize()
+    assert held == [0, 1, 2]  # one image swapped in at every epoch end (SmartCacheHandler)
 
 
 def test_continue_from_released_checkpoint_layout(tmp_path):
