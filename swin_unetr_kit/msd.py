@@ -68,6 +68,58 @@ def channel_def(settings: Mapping) -> dict[str, str]:
     return {str(i): settings["labels"][str(i)] for i in range(settings["num_labels"])}
 
 
+def task_metadata(task: str, bundle_root: str | os.PathLike) -> dict:
+    """The MSD bundle's metadata (``configs/metadata.json`` under ``bundle_root``, which describes its default task)
+    with its task-dependent fields (name, channels, classes, ROI) set for ``task``."""
+    configs = Path(bundle_root) / "configs"
+    settings = task_settings(task, configs / "tasks.json")
+    meta = json.loads((configs / "metadata.json").read_text())
+    ct = settings["modality"] == "CT"
+    labels = ", ".join(f"{k} {v}" for k, v in settings["labels"].items())
+    outputs = channel_def(settings)
+    if ct:
+        low, high = settings["intensity"]["window"]
+        image_classes = f"single-channel CT in Hounsfield units, clipped to {low}..{high} and scaled to [0, 1]"
+    else:
+        image_classes = (
+            f"{settings['in_channels']}-channel MRI ({', '.join(settings['channels'])}), each channel z-scored on its "
+            "non-zero voxels"
+        )
+    meta.update(
+        name=f"Swin UNETR MSD {task}",
+        task=f"Medical Segmentation Decathlon {task}: {', '.join(settings['class_names'])} from {settings['modality']}",
+        image_classes=image_classes,
+        label_classes=labels,
+        pred_classes=(
+            f"{settings['out_channels']} sigmoid channels, one per nested region "
+            + ", ".join(f"{n} = labels {v}" for n, v in settings["regions"].items())
+            if settings["sigmoid"]
+            else f"{settings['out_channels']} softmax channels, one per class of label_classes"
+        ),
+    )
+    image = meta["network_data_format"]["inputs"]["image"]
+    image.update(
+        format="hounsfield" if ct else "magnitude",
+        modality=settings["modality"],
+        num_channels=settings["in_channels"],
+        spatial_shape=settings["roi_size"],
+        value_range=[0, 1] if ct else [],
+        channel_def={str(i): name for i, name in enumerate(settings["channels"])},
+    )
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    pred.update(num_channels=settings["out_channels"], spatial_shape=settings["roi_size"], channel_def=outputs)
+    return meta
+
+
+def save_task_metadata(task: str, bundle_root: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Write ``task``'s metadata to ``folder/metadata.json``, beside the model trained for it, so that the label names
+    and channels travel with the weights."""
+    path = Path(folder) / "metadata.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(task_metadata(task, bundle_root), indent=4) + "\n")
+    return path
+
+
 def check_dataset_json(dataset_dir: str | os.PathLike, settings: Mapping) -> None:
     """Compare the labels and channel count in ``dataset_dir/dataset.json`` (as MSD distributes it) with the table's,
     so that a data set of another task, or a relabelled one, is an error before training rather than a wrong model."""

@@ -12,15 +12,16 @@ import pytest
 import torch
 from conftest import REPO, SCHEMA, SMALL, run_workflow, torchrun_bundle, write_msd_task
 from monai.bundle import ConfigWorkflow, verify_net_in_out
-from msd_metadata import task_metadata
 
 from swin_unetr_kit.data import DataError
 from swin_unetr_kit.msd import (
     LabelsToRegionsd,
     RegionsToLabelsd,
     UnknownTaskError,
+    channel_def,
     keep_fraction,
     kfold_split,
+    task_metadata,
     task_settings,
 )
 from swin_unetr_kit.ssl import SSLHead
@@ -100,6 +101,8 @@ def test_every_task_trains_and_infers(task, tmp_path):
     assert network.out.conv.conv.out_channels == settings["out_channels"]
     assert "val_mean_dice" in workflow.parser.get_parsed_content("validate#evaluator").state.metrics
     assert (tmp_path / "models" / "model.pt").is_file()
+    saved = json.loads((tmp_path / "models" / "metadata.json").read_text())  # the label names travel with the model
+    assert saved["network_data_format"]["outputs"]["pred"]["channel_def"] == channel_def(settings)
 
     predictions = tmp_path / "predictions"
     inference = {k: v for k, v in common.items() if k not in ("num_samples", "cache_rate", "ckpt_dir")}
