@@ -183,11 +183,20 @@ def test_pretrain_resume_and_hand_off_to_segmentation(unlabeled_ct, tmp_path):
         device="$torch.device('cpu')",
         **{"network_def#feature_size": 12},
     )
-    network = seg.parser.get_parsed_content("network")
-    loaded = network.swinViT.state_dict()
-    assert loaded.keys() == encoder.keys() and len(loaded) == 126  # every encoder tensor accounted for
-    for key, value in encoder.items():
-        assert torch.equal(loaded[key], value), key
+    msd = ConfigWorkflow(  # and into the MSD bundle's CT tasks
+        config_file=[str(REPO / "bundles" / "swin_unetr_msd" / "configs" / "train.json")],
+        workflow_type="train",
+        bundle_root=str(REPO / "bundles" / "swin_unetr_msd"),
+        task="Task07_Pancreas",
+        pretrained_ckpt=str(models / "model.pt"),
+        device="$torch.device('cpu')",
+        **{"network_def#feature_size": 12},
+    )
+    for workflow in (seg, msd):
+        loaded = workflow.parser.get_parsed_content("network").swinViT.state_dict()
+        assert loaded.keys() == encoder.keys() and len(loaded) == 126  # every encoder tensor accounted for
+        for key, value in encoder.items():
+            assert torch.equal(loaded[key], value), key
 
 
 def test_smart_cache_replaces_part_of_the_cache_every_epoch(unlabeled_ct, tmp_path):
