@@ -38,3 +38,19 @@ def test_sample_data_is_real_ct_with_btcv_labels(sample_dataset):
     dicom = sample_dataset / content["test"][0]["image"]
     assert dicom.is_dir() and len(list(dicom.iterdir())) == 20
     assert sample_data.TOTAL_TO_BTCV[5] == 6  # TotalSegmentator's liver is BTCV's 6
+
+
+def test_benchmark_dice_agreement(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from benchmark import _dice_agreement
+
+    a = np.zeros((4, 4, 4), np.uint8)
+    a[:2] = 1
+    a[2:, :2] = 6
+    b = a.copy()
+    b[3, :2] = 0  # half of label 6 lost
+    for name, data in (("a", a), ("b", b)):
+        nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    assert _dice_agreement(tmp_path / "a.nii.gz", tmp_path / "a.nii.gz") == 1.0
+    assert abs(_dice_agreement(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz") - (1.0 + 2 * 4 / (8 + 4)) / 2) < 1e-9
