@@ -150,3 +150,16 @@ def test_mlflow_tracking_logs_losses_and_metrics(synthetic_dataset, tmp_path):
     assert len(runs) == 1
     assert {"train_loss", "val_mean_dice"} <= set(runs[0].data.metrics)
     assert list((tmp_path / "eval").glob("config_*.json"))  # the executed config is saved
+
+    run_workflow(  # evaluation of the trained model is tracked in the same store
+        configs("train", "evaluate"),
+        workflow_type="infer",
+        tracking="mlflow",
+        **SMALL,
+        bundle_root=str(tmp_path),
+        dataset_dir=str(synthetic_dataset),
+    )
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    evaluation = [r for r in runs if "dice" in r.data.metrics]
+    assert len(runs) == 2 and len(evaluation) == 1
+    assert 0.0 <= evaluation[0].data.metrics["dice"] <= 1.0 and "hd95" in evaluation[0].data.metrics
