@@ -110,12 +110,19 @@ def find_cases(dataset_dir: str | os.PathLike) -> dict[str, list[dict]]:
     raise DataError(f"{dataset_dir}: no datalist ({' or '.join(DATALIST_NAMES)}) and none of the layouts {layouts}")
 
 
+def seeded_order(cases: Sequence[dict], seed: int = 0) -> list[dict]:
+    """``cases`` sorted by image path, then shuffled with ``seed``: the same order on every machine, whatever order
+    the files were listed in. Every split of the collection draws from it."""
+    order = sorted(cases, key=lambda c: str(c["image"]))
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def split_cases(cases: Sequence[dict], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
     """Seeded split of ``cases`` into ``training`` and ``validation`` (at least one of each when there are two)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    order = sorted(cases, key=lambda c: str(c["image"]))
-    random.Random(seed).shuffle(order)
+    order = seeded_order(cases, seed)
     n_val = round(len(order) * val_fraction)
     if val_fraction > 0 and len(order) > 1:
         n_val = min(max(n_val, 1), len(order) - 1)

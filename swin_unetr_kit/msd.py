@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
 from monai.utils import convert_to_dst_type
 
-from swin_unetr_kit.data import DataError, build_datalist, check_case
+from swin_unetr_kit.data import DataError, build_datalist, check_case, seeded_order
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +152,7 @@ def kfold_split(cases: Sequence[dict], num_folds: int = 5, fold: int = 0, seed: 
         raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
     if len(cases) < num_folds:
         raise DataError(f"{len(cases)} labelled cases cannot make {num_folds} folds (set --num_folds)")
-    order = sorted(cases, key=lambda c: str(c["image"]))
-    random.Random(seed).shuffle(order)
+    order = seeded_order(cases, seed)
     return {
         "training": [c for i, c in enumerate(order) if i % num_folds != fold],
         "validation": [c for i, c in enumerate(order) if i % num_folds == fold],
@@ -169,8 +167,7 @@ def keep_fraction(cases: Sequence[dict], fraction: float, seed: int = 0) -> list
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
-    order = sorted(cases, key=lambda c: str(c["image"]))
-    random.Random(seed).shuffle(order)
+    order = seeded_order(cases, seed)
     return order[: max(1, round(len(order) * fraction))]
 
 
@@ -278,10 +275,15 @@ class RegionsToLabelsd(_RegionsTransformd):
     """Turn binary region channels back into label values, the innermost predicted region winning (an enhancing
     tumour voxel becomes 3 even where the whole-tumour channel missed it)."""
 
-    def convert(self, tensor: torch.Tensor) -> torch.Tensor:
-        values = region_label_values(self.regions)
-        labels = torch.zeros_like(tensor[:1])
+    def __init__(self, keys: KeysCollection, regions: Mapping[str, Sequence[int]] | None) -> None:
+        super().__init__(keys, regions)
+        values = region_label_values(self.regions) if self.regions else {}
         names = list(self.regions)
-        for name in sorted(names, key=lambda n: -len(self.regions[n])):  # outermost first, innermost last
-            labels[0][tensor[names.index(name)] > 0] = values[name]
+        # (channel, label value), outermost region first so that inner ones overwrite it
+        self.paint_order = [(names.index(n), values[n]) for n in sorted(names, key=lambda n: -len(self.regions[n]))]
+
+    def convert(self, tensor: torch.Tensor) -> torch.Tensor:
+        labels = torch.zeros_like(tensor[:1])
+        for channel, value in self.paint_order:
+            labels[0][tensor[channel] > 0] = value
         return labels

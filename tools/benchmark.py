@@ -99,7 +99,7 @@ def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
     steady = range(warmup, len(marks["end"]))
     total = marks["end"][-1] - marks["end"][warmup - 1]
     waiting = sum(marks["batch"][i] - marks["start"][i] for i in steady)
-    crops = settings.get("batch_size", 1) * settings.get("num_samples", 4)
+    crops = workflow.parser["batch_size"] * workflow.parser["num_samples"]
     print(
         json.dumps(
             {
