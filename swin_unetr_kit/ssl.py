@@ -180,7 +180,7 @@ def prepare_ssl_batch(batchdata: dict, device: torch.device | str | None = None,
     return torch.as_tensor(inputs), {k: torch.as_tensor(v) for k, v in targets.items()}
 
 
-def _gather(x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """All processes' rows of ``x``, keeping the gradient of this process's rows."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
@@ -216,8 +216,14 @@ class SSLLoss(nn.Module):
         self.contrastive = ContrastiveLoss(temperature=temperature)
         self.terms: dict[str, float] = {}
 
+    def compute_terms(
+        self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The unweighted loss terms, and the rotation accuracy (no gradient)."""
+        return ssl_terms(pred, target, self.contrastive)
+
     def forward(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        terms = ssl_terms(pred, target, self.contrastive)
+        terms = self.compute_terms(pred, target)
         self.terms = {name: float(value.detach()) for name, value in terms.items()}
         total = sum(self.weights[name] * terms[name] for name in self.weights)
         self.terms["total"] = float(total.detach())
@@ -233,17 +239,17 @@ def ssl_terms(
     rotation = F.cross_entropy(pred["rotation"].float(), target["rotation"])
     return {
         "rotation": rotation,
-        "contrastive": contrastive(_gather(z[:half]), _gather(z[half:])),
+        "contrastive": contrastive(gather_rows(z[:half]), gather_rows(z[half:])),
         "reconstruction": F.l1_loss(pred["reconstruction"].float(), target["reconstruction"].float()),
         "rotation_accuracy": (pred["rotation"].argmax(1) == target["rotation"]).float().mean().detach(),
     }
 
 
 def ssl_metric(name: str, loss: SSLLoss) -> Average:
-    """Validation metric: the batch-averaged ``name`` term of :func:`ssl_terms` (``total``: the weighted sum)."""
+    """Validation metric: the batch-averaged ``name`` term of ``loss.compute_terms`` (``total``: the weighted sum)."""
 
     def select(output: Mapping) -> torch.Tensor:
-        terms = ssl_terms(output["pred"], output["label"], loss.contrastive)
+        terms = loss.compute_terms(output["pred"], output["label"])
         if name == "total":
             return sum(loss.weights[k] * terms[k] for k in loss.weights).detach()
         return terms[name].detach()
@@ -265,3 +271,18 @@ class GradientClipping:
         if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
             engine.scaler.unscale_(engine.optimizer)
         torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.max_norm)
+
+
+def decay_param_groups(network: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimiser parameter groups with ``weight_decay`` on weight matrices and kernels only: norms, biases (1-D
+    parameters) and the relative-position bias tables of the Swin blocks are not decayed, as in SwinMM and most
+    transformer recipes (decay would pull the position biases and normalisation gains towards zero)."""
+    decay, no_decay = [], []
+    for name, parameter in network.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or "relative_position_bias_table" in name:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
