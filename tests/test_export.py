@@ -1,5 +1,6 @@
-"""TorchScript export of the segmentation bundles' networks with MONAI's ``ckpt_export``, checked against the eager
-network on the same input (Swin UNETR does not script, so the export traces it at the window size)."""
+"""TorchScript and ONNX export of the segmentation bundles' networks with MONAI's ``ckpt_export`` and ``onnx_export``,
+checked against the eager network on the same input (Swin UNETR does not script, so the exports trace it at the
+window size)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,54 @@ def test_ckpt_export_by_trace_matches_the_eager_network(bundle, overrides, tmp_p
     image = torch.rand(1, 1, 64, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(exported(image), network.eval()(image), rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_export_matches_the_eager_network(tmp_path):
+    """``python -m monai.bundle onnx_export`` of the BTCV network, run with ONNX Runtime against the eager network."""
+    ort = pytest.importorskip("onnxruntime")
+    config = str(BTCV_BUNDLE / "configs" / "inference.json")
+    overrides = {"network_def#feature_size": 12}
+    torch.manual_seed(0)
+    network = ConfigWorkflow(config_file=config, workflow_type="infer", **overrides).parser.get_parsed_content(
+        "network_def"
+    )
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "onnx_export",
+        "network_def",
+        "--filepath",
+        str(tmp_path / "model.onnx"),
+    ]
+    cmd += ["--ckpt_file", str(tmp_path / "model.pt"), "--config_file", config, "--input_shape", "[2, 1, 64, 64, 64]"]
+    cmd += ["--use_trace", "True", *[f"--{k}={v}" for k, v in overrides.items()]]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+    assert model_input.shape == [2, 1, 64, 64, 64]  # windows of the ROI, sw_batch_size at a time
+    image = torch.rand(2, 1, 64, 64, 64)
+    (output,) = session.run(None, {model_input.name: image.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(output), network.eval()(image), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bundle", [BTCV_BUNDLE, MSD_BUNDLE])
+def test_inference_trt_config_resolves(bundle):
+    """``inference_trt.json`` over ``inference.json``: MONAI's ``trt_compile`` wraps the network on a CUDA machine with
+    TensorRT; here (no TensorRT) it leaves the network as it is, so the config is checked for what it resolves to."""
+    workflow = ConfigWorkflow(
+        config_file=[str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "inference_trt.json")],
+        workflow_type="infer",
+        bundle_root=str(bundle),
+        **{"network_def#feature_size": 12},
+    )
+    parser = workflow.parser
+    assert "$from monai.networks import trt_compile" in parser["imports"]  # appended, not replacing the bundle's
+    args = parser.get_parsed_content("trt_args")
+    assert args == {"precision": "fp16", "dynamic_batchsize": [1, 4, 4]}
+    network = parser.get_parsed_content("network")
+    assert type(network).__name__ == "SwinUNETR" and not hasattr(network, "_trt_compiler")

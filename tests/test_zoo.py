@@ -1,0 +1,107 @@
+"""The local model zoo: reproducible bundle zips and index, MONAI's download from a file:// URL, checksum and
+archive-safety refusals, and inference from the installed bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import pytest
+import torch
+import zoo
+from conftest import SMALL, run_workflow
+from monai.networks.nets import SwinUNETR
+
+BUNDLES = ("swin_unetr_btcv_seg", "swin_unetr_msd", "swin_unetr_ssl_pretrain")
+
+
+@pytest.fixture(scope="module")
+def local_zoo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("zoo")
+    torch.manual_seed(0)
+    weights = root / "btcv_model.pt"
+    torch.save(SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict(), weights)
+    zoo.package(out=str(root / "zoo"), weights={"swin_unetr_btcv_seg": str(weights)})
+    return root / "zoo"
+
+
+def test_zips_are_reproducible_and_indexed(local_zoo, tmp_path):
+    index = json.loads((local_zoo / "model_info.json").read_text())
+    versions = {
+        name: json.loads((zoo.BUNDLES / name / "configs" / "metadata.json").read_text())["version"] for name in BUNDLES
+    }
+    assert set(index) == {f"{name}_v{version}" for name, version in versions.items()}
+    for key, entry in index.items():
+        path = local_zoo / f"{key}.zip"
+        assert entry["source"] == path.as_uri() and entry["checksum"] == zoo.sha256(path)
+        name = key.rsplit("_v", 1)[0]
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            assert names == sorted(names) and all(n.startswith(f"{name}/") for n in names)
+            assert {f"{name}/LICENSE", f"{name}/configs/metadata.json", f"{name}/docs/README.md"} <= set(names)
+            assert all(info.date_time == zoo.FIXED_TIME for info in archive.infolist())
+            assert (f"{name}/models/model.pt" in names) == (name == "swin_unetr_btcv_seg")
+    again = zoo.package_bundle(zoo.BUNDLES / "swin_unetr_msd", tmp_path)
+    assert again.read_bytes() == (local_zoo / again.name).read_bytes()  # same sources, same bytes
+
+
+def test_monai_download_from_the_local_zoo_then_inference(local_zoo, synthetic_dataset, tmp_path):
+    key, entry = zoo.lookup(str(local_zoo / "model_info.json"), "swin_unetr_btcv_seg")
+    installed = tmp_path / "installed"
+    cmd = [sys.executable, "-m", "monai.bundle", "download", "--name", "swin_unetr_btcv_seg", "--url", entry["source"]]
+    result = subprocess.run([*cmd, "--bundle_dir", str(installed)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert zoo.sha256(installed / "swin_unetr_btcv_seg.zip") == entry["checksum"]
+    bundle = installed / "swin_unetr_btcv_seg"
+    assert (bundle / "models" / "model.pt").is_file()
+
+    overrides = {k: v for k, v in SMALL.items() if k in ("network_def#feature_size", "roi_size", "pixdim")}
+    run_workflow(
+        [str(bundle / "configs" / "inference.json")],
+        workflow_type="infer",
+        bundle_root=str(bundle),
+        input=str(synthetic_dataset / "imagesTs"),
+        num_workers=0,
+        **overrides,
+    )
+    out = nib.load(bundle / "eval" / "test0_seg.nii.gz")
+    assert out.shape == nib.load(synthetic_dataset / "imagesTs" / "test0.nii.gz").shape
+
+
+def test_install_checks_the_checksum(local_zoo, tmp_path):
+    installed = zoo.install("swin_unetr_msd", str(local_zoo / "model_info.json"), str(tmp_path / "ok"))
+    assert (Path(installed) / "configs" / "tasks.json").is_file()
+
+    index = json.loads((local_zoo / "model_info.json").read_text())
+    key, _ = zoo.lookup(str(local_zoo / "model_info.json"), "swin_unetr_msd")
+    index[key]["checksum"] = "0" * 64
+    tampered = tmp_path / "model_info.json"
+    tampered.write_text(json.dumps(index))
+    with pytest.raises(zoo.ZooError, match="checksum"):
+        zoo.install("swin_unetr_msd", str(tampered), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "swin_unetr_msd").exists()
+    with pytest.raises(zoo.ZooError, match="no bundle named"):
+        zoo.install("spleen_ct_segmentation", str(tampered), str(tmp_path / "bad"))
+    with pytest.raises(zoo.ZooError, match="no version"):
+        zoo.install("swin_unetr_msd", str(tampered), str(tmp_path / "bad"), version="9.9.9")
+
+
+def test_path_traversal_archive_is_refused(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as archive:
+        archive.writestr("evil/configs/metadata.json", "{}")
+        archive.writestr("../outside.txt", "escaped")
+    cmd = [sys.executable, "-m", "monai.bundle", "download", "--name", "evil", "--url", evil.as_uri()]
+    result = subprocess.run([*cmd, "--bundle_dir", str(tmp_path / "dest")], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Unsafe path" in result.stderr
+    assert not (tmp_path / "outside.txt").exists()
+
+    index = tmp_path / "model_info.json"
+    index.write_text(json.dumps({"evil_v0.1.0": {"checksum": zoo.sha256(evil), "source": evil.as_uri()}}))
+    with pytest.raises(ValueError, match="Unsafe path"):
+        zoo.install("evil", str(index), str(tmp_path / "dest2"))
+    assert not (tmp_path / "outside.txt").exists()

@@ -1,0 +1,140 @@
+"""A local model zoo for the bundles: reproducible ``<name>_v<version>.zip`` files and a ``model_info.json`` index in
+the model zoo's format, and a checksum-verified install.
+
+``package`` zips each bundle's tracked files (configs, docs, LICENSE; optionally a trained ``models/model.pt``) under
+a top-level ``<name>/`` folder with fixed timestamps, permissions and order, so the same sources give the same bytes
+and the same checksum. The index maps ``<name>_v<version>`` to the zip's SHA-256 ``checksum`` and its ``source`` URL
+(``file://`` here; an ``https://`` base URL for a served zoo).
+
+MONAI installs a zip with ``python -m monai.bundle download --name <name> --url <source> --bundle_dir <dir>`` (it
+refuses archive members that escape the folder) but checks no checksum; ``install`` checks the index's checksum
+first and then extracts with MONAI's own extraction. The bundles import ``swin_unetr_kit``: the environment that
+runs an installed bundle needs it (``pip install`` this repository, as ``tools/setup_env.sh`` does).
+
+Usage (from the repository root):
+    python tools/zoo.py package --out zoo/                          # every bundle, index in zoo/model_info.json
+    python tools/zoo.py package --out zoo/ --weights "{'swin_unetr_btcv_seg': 'runs/btcv/models/model.pt'}"
+    python tools/zoo.py install swin_unetr_btcv_seg --index zoo/model_info.json --bundle_dir models/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store
+
+
+class ZooError(RuntimeError):
+    """A bundle that cannot be packaged or installed: unknown name, checksum mismatch, unsafe archive."""
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def bundle_files(bundle: Path) -> list[Path]:
+    """The bundle's files under version control, sorted (outputs such as models/ and eval/ are not)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--", "."], cwd=bundle, capture_output=True, text=True, check=True
+    ).stdout
+    files = sorted(bundle / name for name in listed.split("\0") if name)
+    if not files:
+        raise ZooError(f"{bundle}: no tracked files to package")
+    return files
+
+
+def _add(archive: zipfile.ZipFile, arcname: str, data: bytes) -> None:
+    info = zipfile.ZipInfo(arcname, date_time=FIXED_TIME)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o100644 << 16  # a regular file, rw-r--r--, whatever the checkout's modes
+    archive.writestr(info, data)
+
+
+def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None) -> Path:
+    """Write ``<name>_v<version>.zip`` of ``bundle`` into ``out_dir`` and return its path."""
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    name, version = bundle.name, metadata["version"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"{name}_v{version}.zip"
+    entries = {f"{name}/{path.relative_to(bundle).as_posix()}": path for path in bundle_files(bundle)}
+    if weights:
+        if not Path(weights).is_file():
+            raise ZooError(f"{weights}: weights file not found")
+        entries[f"{name}/models/model.pt"] = Path(weights)
+    with zipfile.ZipFile(target, "w") as archive:
+        for arcname in sorted(entries):
+            _add(archive, arcname, entries[arcname].read_bytes())
+    return target
+
+
+def package(out: str = "zoo", weights: Mapping[str, str] | None = None, base_url: str | None = None) -> None:
+    """Package every bundle into ``out`` and write ``out/model_info.json``.
+
+    Args:
+        out: output folder.
+        weights: bundle name → a ``model.pt`` to ship as ``models/model.pt`` in that bundle's zip.
+        base_url: where the zips will be served (default: their ``file://`` URLs in ``out``).
+    """
+    out_dir = Path(out).resolve()
+    weights = dict(weights or {})
+    unknown = set(weights) - {b.name for b in BUNDLES.iterdir()}
+    if unknown:
+        raise ZooError(f"weights given for unknown bundles: {sorted(unknown)}")
+    index = {}
+    for bundle in sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file()):
+        zip_path = package_bundle(bundle, out_dir, weights.get(bundle.name))
+        source = f"{base_url.rstrip('/')}/{zip_path.name}" if base_url else zip_path.as_uri()
+        index[zip_path.stem] = {"checksum": sha256(zip_path), "source": source}
+        print(f"{zip_path}  sha256 {index[zip_path.stem]['checksum']}")
+    (out_dir / "model_info.json").write_text(json.dumps(index, indent=4) + "\n")
+
+
+def lookup(index: str, name: str, version: str | None = None) -> tuple[str, dict]:
+    """The index entry of ``name`` at ``version`` (default: the highest version listed)."""
+    entries = json.loads(Path(index).read_text())
+    versions = {key.rsplit("_v", 1)[1]: key for key in entries if key.rsplit("_v", 1)[0] == name}
+    if not versions:
+        raise ZooError(f"{index}: no bundle named {name!r} (listed: {sorted(entries)})")
+    if version is None:
+        version = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+    if version not in versions:
+        raise ZooError(f"{index}: {name} has no version {version} (listed: {sorted(versions)})")
+    return versions[version], entries[versions[version]]
+
+
+def install(name: str, index: str, bundle_dir: str = ".", version: str | None = None) -> str:
+    """Fetch ``name`` from the zoo described by ``index``, check its checksum, and extract it into ``bundle_dir``
+    with MONAI's extraction (which refuses members that escape the folder). Returns the installed bundle's path."""
+    from monai.apps.utils import download_url, extractall
+
+    key, entry = lookup(index, name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / f"{key}.zip"
+        if urlparse(entry["source"]).scheme == "file":
+            local.write_bytes(Path(url2pathname(urlparse(entry["source"]).path)).read_bytes())
+        else:
+            download_url(entry["source"], local, progress=False)
+        found = sha256(local)
+        if found != entry["checksum"]:
+            raise ZooError(f"{entry['source']}: checksum {found} does not match the index's {entry['checksum']}")
+        extractall(filepath=local, output_dir=bundle_dir, has_base=True)
+    installed = Path(bundle_dir) / name
+    print(f"installed {key} into {installed}")
+    return str(installed)
+
+
+if __name__ == "__main__":
+    fire.Fire({"package": package, "install": install})
