@@ -67,8 +67,11 @@ def test_train_evaluate_infer_on_synthetic_cases(synthetic_dataset, tmp_path):
     latest = torch.load(models / "latest.pt", weights_only=False)
     assert latest["trainer"]["iteration"] == 2 * latest["trainer"]["epoch_length"]  # two epochs done
     assert set(latest) >= {"network", "optimizer", "lr_scheduler", "trainer", "best_model_saver"}
+    assert (tmp_path / "eval" / "training_curves.png").stat().st_size > 0  # loss and validation Dice curves
 
     run_workflow(configs("train", "evaluate"), workflow_type="infer", **common)
+    overlays = sorted(p.name for p in (tmp_path / "eval" / "overlays").glob("*.png"))
+    assert overlays == ["case2.png", "case3.png"]  # one per evaluated case, up to num_overlays
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert len(report["per_case"]) == 2
     organs = report["summary"]["dice"]

@@ -16,8 +16,9 @@ from monai.bundle import ConfigWorkflow
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 
 
-@pytest.mark.parametrize(("bundle", "overrides"), [(BTCV_BUNDLE, {}), (MSD_BUNDLE, {"bundle_root": str(MSD_BUNDLE)})])
-def test_ckpt_export_by_trace_matches_the_eager_network(bundle, overrides, tmp_path):
+def test_ckpt_export_by_trace_matches_the_eager_network(tmp_path):
+    """TorchScript of the MSD network (the BTCV bundle's is exported to ONNX below: one export per bundle config)."""
+    bundle, overrides = MSD_BUNDLE, {"bundle_root": str(MSD_BUNDLE)}
     config = str(bundle / "configs" / "inference.json")
     overrides = {**overrides, "network_def#feature_size": 12}
     torch.manual_seed(0)
@@ -60,7 +61,8 @@ def test_onnx_export_matches_the_eager_network(tmp_path):
         str(tmp_path / "model.onnx"),
     ]
     cmd += ["--ckpt_file", str(tmp_path / "model.pt"), "--config_file", config, "--input_shape", "[2, 1, 64, 64, 64]"]
-    cmd += ["--use_trace", "True", *[f"--{k}={v}" for k, v in overrides.items()]]
+    cmd += ["--use_trace", "True", "--converter_kwargs", "{'dynamo': False}"]  # the TorchScript-based exporter
+    cmd += [f"--{k}={v}" for k, v in overrides.items()]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 

@@ -203,6 +203,7 @@ def test_evaluate_brain_tumour_regions_per_case_and_summary(tmp_path):
     (prediction,) = (tmp_path / "eval" / "predictions").iterdir()
     values = set(np.unique(np.asarray(nib.load(prediction).dataobj)).tolist())
     assert values <= {0, 1, 2, 3}  # written back as MSD labels, not regions
+    assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1  # regions drawn too
 
 
 def _ssl_checkpoint(path, in_channels: int = 1) -> dict:

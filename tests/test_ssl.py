@@ -163,6 +163,7 @@ def test_pretrain_resume_and_hand_off_to_segmentation(unlabeled_ct, tmp_path):
     workflow = run_workflow(ssl_configs("train"), **common, num_steps=2)  # resumed: one more step
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 2
+    assert (tmp_path / "ssl" / "eval" / "training_curves.png").is_file()
     steps = torch.load(models / "latest.pt", weights_only=False)["optimizer"]["state"][0]["step"]
     assert float(steps) == 2
     evaluator = workflow.parser.get_parsed_content("validate#evaluator")

@@ -128,7 +128,7 @@ def test_swinmm_loss_masked_reconstruction_and_mutual_term():
 
 
 def test_swinmm_loss_trains_the_ssl_head_and_logs_every_term():
-    inputs, target = swinmm_batch(size=64)
+    inputs, target = swinmm_batch(batch_size=1, size=64)
     network = SSLHead(feature_size=12)
     loss = SwinMMLoss(mutual_weight=2.0)
     value = loss(network(inputs), target)
