@@ -4,6 +4,7 @@ archive-safety refusals, and inference from the installed bundle."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -12,8 +13,10 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
+import yaml
 import zoo
 from conftest import SMALL, run_workflow
+from monai.apps.utils import HashCheckError
 from monai.networks.nets import SwinUNETR
 
 BUNDLES = ("swin_unetr_btcv_seg", "swin_unetr_msd", "swin_unetr_ssl_pretrain")
@@ -105,3 +108,27 @@ def test_path_traversal_archive_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Unsafe path"):
         zoo.install("evil", str(index), str(tmp_path / "dest2"))
     assert not (tmp_path / "outside.txt").exists()
+
+
+def test_weights_over_25_mb_go_beside_the_zip_in_large_files_yml(tmp_path):
+    weights = tmp_path / "f48_model.pt"
+    weights.write_bytes(os.urandom(zoo.LARGE_FILE_BYTES + 1))
+    zoo.package(out=str(tmp_path / "zoo"), weights={"swin_unetr_btcv_seg": str(weights)})
+    index = str(tmp_path / "zoo" / "model_info.json")
+    key, entry = zoo.lookup(index, "swin_unetr_btcv_seg")
+    with zipfile.ZipFile(tmp_path / "zoo" / f"{key}.zip") as archive:
+        assert "swin_unetr_btcv_seg/models/model.pt" not in archive.namelist()
+        listing = yaml.safe_load(archive.read("swin_unetr_btcv_seg/large_files.yml"))
+    large = tmp_path / "zoo" / f"{key}_model.pt"
+    assert listing == {
+        "large_files": [
+            {"path": "models/model.pt", "url": large.as_uri(), "hash_val": zoo.sha256(weights), "hash_type": "sha256"}
+        ]
+    }
+
+    installed = Path(zoo.install("swin_unetr_btcv_seg", index, str(tmp_path / "ok")))
+    assert (installed / "models" / "model.pt").read_bytes() == weights.read_bytes()
+
+    large.write_bytes(os.urandom(1024))  # the served weights no longer match the bundle's hash
+    with pytest.raises(HashCheckError, match="sha256 hash check"):
+        zoo.install("swin_unetr_btcv_seg", index, str(tmp_path / "bad"))

@@ -4,12 +4,17 @@ the model zoo's format, and a checksum-verified install.
 ``package`` zips each bundle's tracked files (configs, docs, LICENSE; optionally a trained ``models/model.pt``) under
 a top-level ``<name>/`` folder with fixed timestamps, permissions and order, so the same sources give the same bytes
 and the same checksum. The index maps ``<name>_v<version>`` to the zip's SHA-256 ``checksum`` and its ``source`` URL
-(``file://`` here; an ``https://`` base URL for a served zoo).
+(``file://`` here; an ``https://`` base URL for a served zoo). Weights over the zoo's 25 MB limit (feature_size 48
+is about 250 MB) stay out of the zip, as the zoo asks: they are written beside it as ``<name>_v<version>_model.pt``
+and the zip gets a ``large_files.yml`` with their path, URL and SHA-256, which MONAI's ``download_large_files``
+fetches and checks.
 
 MONAI installs a zip with ``python -m monai.bundle download --name <name> --url <source> --bundle_dir <dir>`` (it
-refuses archive members that escape the folder) but checks no checksum; ``install`` checks the index's checksum
-first and then extracts with MONAI's own extraction. The bundles import ``swin_unetr_kit``: the environment that
-runs an installed bundle needs it (``pip install`` this repository, as ``tools/setup_env.sh`` does).
+refuses archive members that escape the folder) but checks no checksum, and fetches large files only when asked:
+``python -m monai.bundle download_large_files --bundle_path <dir>/<name>``. ``install`` checks the index's checksum,
+extracts with MONAI's own extraction and then fetches the large files (MONAI checks their hashes). The bundles import
+``swin_unetr_kit``: the environment that runs an installed bundle needs it (``pip install`` this repository, as
+``tools/setup_env.sh`` does).
 
 Usage (from the repository root):
     python tools/zoo.py package --out zoo/                          # every bundle, index in zoo/model_info.json
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import tempfile
 import zipfile
@@ -30,10 +36,12 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import fire
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store
+LARGE_FILE_BYTES = 25 * 2**20  # the model zoo's limit for files inside a bundle
 
 
 class ZooError(RuntimeError):
@@ -63,20 +71,32 @@ def _add(archive: zipfile.ZipFile, arcname: str, data: bytes) -> None:
     archive.writestr(info, data)
 
 
-def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None) -> Path:
-    """Write ``<name>_v<version>.zip`` of ``bundle`` into ``out_dir`` and return its path."""
+def _url(path: Path, base_url: str | None) -> str:
+    return f"{base_url.rstrip('/')}/{path.name}" if base_url else path.as_uri()
+
+
+def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None, base_url: str | None = None) -> Path:
+    """Write ``<name>_v<version>.zip`` of ``bundle`` into ``out_dir`` and return its path. Weights over
+    ``LARGE_FILE_BYTES`` go beside the zip and are described in its ``large_files.yml`` (served from ``base_url``)."""
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     name, version = bundle.name, metadata["version"]
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}_v{version}.zip"
-    entries = {f"{name}/{path.relative_to(bundle).as_posix()}": path for path in bundle_files(bundle)}
+    contents = {f"{name}/{path.relative_to(bundle).as_posix()}": path.read_bytes() for path in bundle_files(bundle)}
     if weights:
         if not Path(weights).is_file():
             raise ZooError(f"{weights}: weights file not found")
-        entries[f"{name}/models/model.pt"] = Path(weights)
+        if Path(weights).stat().st_size > LARGE_FILE_BYTES:
+            large = out_dir / f"{name}_v{version}_model.pt"
+            shutil.copyfile(weights, large)
+            entry = {"path": "models/model.pt", "url": _url(large, base_url), "hash_val": sha256(large)}
+            listing = {"large_files": [{**entry, "hash_type": "sha256"}]}
+            contents[f"{name}/large_files.yml"] = yaml.safe_dump(listing, sort_keys=False).encode()
+        else:
+            contents[f"{name}/models/model.pt"] = Path(weights).read_bytes()
     with zipfile.ZipFile(target, "w") as archive:
-        for arcname in sorted(entries):
-            _add(archive, arcname, entries[arcname].read_bytes())
+        for arcname in sorted(contents):
+            _add(archive, arcname, contents[arcname])
     return target
 
 
@@ -85,8 +105,9 @@ def package(out: str = "zoo", weights: Mapping[str, str] | None = None, base_url
 
     Args:
         out: output folder.
-        weights: bundle name → a ``model.pt`` to ship as ``models/model.pt`` in that bundle's zip.
-        base_url: where the zips will be served (default: their ``file://`` URLs in ``out``).
+        weights: bundle name → a ``model.pt`` to ship as that bundle's ``models/model.pt`` (in the zip, or beside
+            it with a ``large_files.yml`` entry when over 25 MB).
+        base_url: where the zips and large files will be served (default: their ``file://`` URLs in ``out``).
     """
     out_dir = Path(out).resolve()
     weights = dict(weights or {})
@@ -95,9 +116,8 @@ def package(out: str = "zoo", weights: Mapping[str, str] | None = None, base_url
         raise ZooError(f"weights given for unknown bundles: {sorted(unknown)}")
     index = {}
     for bundle in sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file()):
-        zip_path = package_bundle(bundle, out_dir, weights.get(bundle.name))
-        source = f"{base_url.rstrip('/')}/{zip_path.name}" if base_url else zip_path.as_uri()
-        index[zip_path.stem] = {"checksum": sha256(zip_path), "source": source}
+        zip_path = package_bundle(bundle, out_dir, weights.get(bundle.name), base_url)
+        index[zip_path.stem] = {"checksum": sha256(zip_path), "source": _url(zip_path, base_url)}
         print(f"{zip_path}  sha256 {index[zip_path.stem]['checksum']}")
     (out_dir / "model_info.json").write_text(json.dumps(index, indent=4) + "\n")
 
@@ -116,9 +136,11 @@ def lookup(index: str, name: str, version: str | None = None) -> tuple[str, dict
 
 
 def install(name: str, index: str, bundle_dir: str = ".", version: str | None = None) -> str:
-    """Fetch ``name`` from the zoo described by ``index``, check its checksum, and extract it into ``bundle_dir``
-    with MONAI's extraction (which refuses members that escape the folder). Returns the installed bundle's path."""
+    """Fetch ``name`` from the zoo described by ``index``, check its checksum, extract it into ``bundle_dir`` with
+    MONAI's extraction (which refuses members that escape the folder) and fetch the files its ``large_files.yml``
+    lists (MONAI checks their hashes). Returns the installed bundle's path."""
     from monai.apps.utils import download_url, extractall
+    from monai.bundle import download_large_files
 
     key, entry = lookup(index, name, version)
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,6 +154,8 @@ def install(name: str, index: str, bundle_dir: str = ".", version: str | None = 
             raise ZooError(f"{entry['source']}: checksum {found} does not match the index's {entry['checksum']}")
         extractall(filepath=local, output_dir=bundle_dir, has_base=True)
     installed = Path(bundle_dir) / name
+    if (installed / "large_files.yml").is_file():
+        download_large_files(bundle_path=str(installed))
     print(f"installed {key} into {installed}")
     return str(installed)
 
