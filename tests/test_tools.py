@@ -54,3 +54,24 @@ def test_benchmark_dice_agreement(tmp_path):
         nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / f"{name}.nii.gz")
     assert _dice_agreement(tmp_path / "a.nii.gz", tmp_path / "a.nii.gz") == 1.0
     assert abs(_dice_agreement(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz") - (1.0 + 2 * 4 / (8 + 4)) / 2) < 1e-9
+
+
+def test_benchmark_native_resolution_volume_keeps_the_field_of_view(tmp_path):
+    from benchmark import native_resolution_ct
+
+    case = write_ct_case(tmp_path, "ct", shape=(20, 16, 12))
+    source = nib.load(case["image"])
+    out = nib.load(native_resolution_ct(Path(case["image"]), tmp_path / "big.nii.gz", shape=(40, 48, 18)))
+    assert out.shape == (40, 48, 18) and out.get_data_dtype() == np.int16
+    for corner in ([-0.5, -0.5, -0.5], [19.5, 15.5, 11.5]):  # outer faces of the first and last voxels
+        scaled = np.array(corner) + 0.5
+        scaled = scaled * np.array(out.shape) / np.array(source.shape) - 0.5
+        assert np.allclose(source.affine @ [*corner, 1], out.affine @ [*scaled, 1])
+
+
+def test_benchmark_counts_network_flops():
+    from benchmark import SIZES, network_flops
+
+    flops = network_flops({**SIZES["small"]})
+    assert flops["forward"] > 1e10  # feature_size 12 at 64^3: tens of GFLOPs
+    assert 2 * flops["forward"] < flops["training"] < 4 * flops["forward"]  # backward costs about twice the forward

@@ -1,16 +1,22 @@
 """Speed and memory of the BTCV bundle against the reference configuration, measured side by side in one run.
 
-Both pipelines are the same bundle configs run through MONAI's ``ConfigWorkflow``; they differ only in settings:
+All pipelines are the same bundle configs run through MONAI's ``ConfigWorkflow``; they differ only in settings:
 
 * reference: the model zoo's Swin UNETR BTCV bundle's values: fp32, sliding window with sw_batch_size 4, overlap 0.5
-  and constant blending; training batches of 2 volumes x 2 crops from a plain ``Dataset`` (no caching); glibc's
-  default allocator settings;
-* ours: the bundle's defaults (Gaussian blending, 1 volume x 4 crops from a ``CacheDataset``, AMP on CUDA) and, on
-  the CPU, ``MALLOC_MMAP_MAX_=0`` (glibc keeps freed blocks instead of unmapping them after every window).
+  and constant blending, attention without SDPA; training batches of 2 volumes x 2 crops from a plain dataset (no
+  caching); glibc's malloc as it comes;
+* ours: the bundle's defaults: SDPA attention at inference, Gaussian blending, 1 volume x 4 crops from a
+  ``CacheDataset``, AMP on CUDA and, on the CPU, glibc keeping freed memory (``swin_unetr_kit.runtime``);
+* ours + tcmalloc (CPU, where ``libtcmalloc_minimal.so.4`` is installed): the same, with tcmalloc preloaded;
+* ours, reference blending (inference only): ours with constant blending, to show what the speed levers alone do to
+  the label map (the blending is a choice of accuracy, not of speed).
 
-Every measurement runs in a fresh process (clean peak memory, the allocator setting applied before Python starts),
-on the same input volume and the same network weights, and reports wall time, peak memory and, for inference, the
-Dice agreement of the two label maps. Timings on a shared CPU vary from run to run: compare the ratios of one run.
+Inference runs on two inputs: the real sample torso CT (resampled by the pipeline to the size's spacing) and a
+512 x 512 x 150 volume at a native CT spacing made from it (the size of a BTCV scan as stored). Every measurement
+runs in a fresh process (clean peak memory, the allocator chosen before Python starts), on the same input and the
+same network weights, and reports wall time, peak memory and FLOP/s (FLOPs counted with PyTorch's FlopCounterMode;
+peak = a dense matmul measured on the same device); inference also the Dice agreement of the label maps with the
+reference's. Timings on a shared CPU vary from run to run: compare the ratios of one run.
 
 Usage:
     python tools/benchmark.py                   # small configuration (feature_size 12, 64^3) on this machine
@@ -31,18 +37,27 @@ from pathlib import Path
 
 import fire
 
+from swin_unetr_kit.runtime import tcmalloc_env
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_unetr_btcv_seg"
 SIZES = {
     "small": {"network_def#feature_size": 12, "roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]},
     "paper": {"network_def#feature_size": 48, "roi_size": [96, 96, 96], "pixdim": [1.5, 1.5, 2.0]},
 }
+NATIVE_SHAPE = (512, 512, 150)
 REFERENCE = {
-    "infer": {"sw_batch_size": 4, "sw_overlap": 0.5, "inferer#mode": "constant", "amp": False},
-    "train": {"batch_size": 2, "num_samples": 2, "cache_rate": 0.0, "amp": False},  # cache_rate 0: nothing cached
+    "infer": {
+        "sw_batch_size": 4,
+        "sw_overlap": 0.5,
+        "inferer#mode": "constant",
+        "amp": False,
+        "network_def#use_flash_attention": False,
+        "cpu_keep_freed_memory": False,
+    },
+    "train": {"batch_size": 2, "num_samples": 2, "cache_rate": 0.0, "amp": False, "cpu_keep_freed_memory": False},
 }
-OURS: dict[str, dict] = {"infer": {}, "train": {}}  # the bundle's defaults
-ENV = {"reference": {}, "ours": {"MALLOC_MMAP_MAX_": "0"}}
+OURS: dict = {"infer": {}, "train": {}}  # the bundle's defaults
 
 
 def _peak_rss_mb() -> float:
@@ -56,27 +71,21 @@ def _gpu_peak_mb() -> float | None:
 
 
 def infer_worker(overrides_file: str) -> None:
-    """(child process) Run the inference workflow once and print its timing and peak memory as JSON."""
+    """(child process) Run the inference workflow once; print its time, windows run and peak memory as JSON."""
     from monai.bundle import ConfigWorkflow
 
     settings = json.loads(Path(overrides_file).read_text())
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **settings)
     workflow.initialize()
     evaluator = workflow.parser.get_parsed_content("evaluator")
+    windows = []
+    evaluator.network.register_forward_hook(lambda module, args, output: windows.append(args[0].shape[0]))
     start = time.perf_counter()
     workflow.run()
     seconds = time.perf_counter() - start
     workflow.finalize()
-    print(
-        json.dumps(
-            {
-                "seconds": seconds,
-                "volumes": evaluator.state.iteration,
-                "peak_rss_mb": _peak_rss_mb(),
-                "peak_gpu_mb": _gpu_peak_mb(),
-            }
-        )
-    )
+    result = {"seconds": seconds, "windows": sum(windows), "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb()}
+    print(json.dumps(result))
 
 
 def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
@@ -97,32 +106,31 @@ def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
     workflow.run()
     workflow.finalize()
     steady = range(warmup, len(marks["end"]))
-    total = marks["end"][-1] - marks["end"][warmup - 1]
-    waiting = sum(marks["batch"][i] - marks["start"][i] for i in steady)
-    crops = workflow.parser["batch_size"] * workflow.parser["num_samples"]
-    print(
-        json.dumps(
-            {
-                "seconds_per_iteration": total / len(steady),
-                "data_share": waiting / total,
-                "crops_per_iteration": crops,
-                "peak_rss_mb": _peak_rss_mb(),
-                "peak_gpu_mb": _gpu_peak_mb(),
-            }
-        )
-    )
+    seconds = (marks["end"][-1] - marks["end"][warmup - 1]) / len(steady)
+    waiting = sum(marks["batch"][i] - marks["start"][i] for i in steady) / len(steady)
+    volumes, crops_per_volume = workflow.parser["batch_size"], workflow.parser["num_samples"]
+    result = {
+        "seconds_per_iteration": seconds,
+        "volumes_per_second": volumes / seconds,
+        "crops_per_second": volumes * crops_per_volume / seconds,
+        "crops_per_iteration": volumes * crops_per_volume,
+        "data_share": waiting / seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_gpu_mb": _gpu_peak_mb(),
+    }
+    print(json.dumps(result))
 
 
-def _child(pipeline: str, worker: str, overrides: dict, *args: str) -> dict:
-    """Run ``worker`` with ``overrides`` (passed in a file) in a fresh process with ``pipeline``'s environment."""
+def _child(env: dict, worker: str, overrides: dict, *args: str) -> dict:
+    """Run ``worker`` with ``overrides`` (passed in a file) in a fresh process with the extra environment ``env``."""
     overrides_file = Path(overrides["bundle_root"]) / f"{worker}_overrides.json"
     overrides_file.parent.mkdir(parents=True, exist_ok=True)
     overrides_file.write_text(json.dumps(overrides))
     cmd = [sys.executable, str(Path(__file__).resolve()), worker, str(overrides_file), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # only the pipeline's own setting
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**env, **ENV[pipeline]})
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**clean, **env})
     if result.returncode != 0:
-        raise RuntimeError(f"{pipeline} {worker} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"{worker} {overrides_file} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -140,6 +148,65 @@ def _dice_agreement(a: Path, b: Path) -> float:
     return float(np.mean(scores)) if scores else 1.0
 
 
+def native_resolution_ct(source: Path, out: Path, shape: tuple[int, int, int] = NATIVE_SHAPE) -> Path:
+    """Write ``source`` resampled (trilinear) to ``shape`` voxels over the same field of view, as int16 HU: the
+    sample CT at the matrix size of a clinical scan (512 x 512 in-plane)."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    image = nib.load(source)
+    volume = torch.as_tensor(np.asarray(image.dataobj, dtype=np.float32))[None, None]
+    resized = torch.nn.functional.interpolate(volume, size=shape, mode="trilinear", align_corners=False)[0, 0]
+    scale = np.array(image.shape[:3]) / np.array(shape)  # old voxels per new voxel, per axis
+    index_map = np.eye(4)  # new voxel centre -> old voxel coordinates
+    index_map[:3, :3] = np.diag(scale)
+    index_map[:3, 3] = (scale - 1) / 2
+    nib.save(nib.Nifti1Image(resized.round().numpy().astype(np.int16), image.affine @ index_map), out)
+    return out
+
+
+def network_flops(base: dict) -> dict:
+    """FLOPs of the bundle's network (``base``'s size) for one window: inference forward, training forward+backward."""
+    import torch
+    from monai.bundle import ConfigWorkflow
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parser = ConfigWorkflow(
+        config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **base
+    ).parser
+    network = parser.get_parsed_content("network_def")
+    window = torch.rand(1, parser["in_channels"], *parser["roi_size"])
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        network.eval()(window)
+    with FlopCounterMode(display=False) as training:
+        network.train()(window).sum().backward()
+    return {"forward": forward.get_total_flops(), "training": training.get_total_flops()}
+
+
+def matmul_peak_flops(device: str, dtype: str = "float32", n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a dense n x n matmul on ``device``: the practical peak the network's FLOP/s is compared with."""
+    import torch
+
+    a = torch.rand(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.rand(n, n, device=device, dtype=getattr(torch, dtype))
+    a @ b  # warm-up
+    torch.cuda.synchronize() if device == "cuda" else None
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize() if device == "cuda" else None
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def _pipelines(device: str) -> dict[str, tuple[dict, dict]]:
+    """name -> (settings, environment)."""
+    pipelines = {"reference": (REFERENCE, {}), "ours": (OURS, {})}
+    if device == "cpu" and tcmalloc_env():
+        pipelines["ours + tcmalloc"] = (OURS, tcmalloc_env())
+    return pipelines
+
+
 def main(
     size: str = "small",
     iterations: int = 6,
@@ -147,69 +214,97 @@ def main(
     out: str | None = None,
     ckpt: str | None = None,
     dataset_dir: str | None = None,
-) -> dict:
-    """Benchmark inference and training of both pipelines; print a table, write JSON to ``out``."""
+) -> None:
+    """Benchmark inference and training of the pipelines; print a table, write JSON to ``out``."""
     import sample_data
     import torch
-    from monai.bundle import ConfigWorkflow
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     base = {**SIZES[size], "num_workers": 0}
     dataset_dir = dataset_dir or sample_data.prepare()
     work = Path(tempfile.mkdtemp(prefix="swin_unetr_benchmark_"))
-    if ckpt is None:  # the same seeded random weights for both pipelines
+    flops = network_flops(base)
+    if ckpt is None:  # the same seeded random weights for every pipeline
         torch.manual_seed(0)
-        parser = ConfigWorkflow(
-            config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **base
-        ).parser
+        from monai.bundle import ConfigWorkflow
+
+        parser = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **base)
         ckpt = str(work / "weights.pt")
-        torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
-    volume = str(Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz")
-    case = {"image": volume, "label": volume.replace("imagesTr", "labelsTr")}
+        torch.save(parser.parser.get_parsed_content("network_def").state_dict(), ckpt)
+    torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
+    inputs = {"sample CT": torso, "512x512x150": native_resolution_ct(torso, work / "native_ct.nii.gz")}
+    case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
     datalist = work / "datalist.json"  # the sample CT twice, so that the reference's batch of 2 volumes is full
     datalist.write_text(json.dumps({"training": [case, case], "validation": [case]}))
+    amp_dtype = "float16" if device == "cuda" else "float32"
     results: dict = {
         "size": size,
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "input": volume,
-        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "network_flops_per_window": flops,
+        "matmul_peak_flops": matmul_peak_flops(device, amp_dtype if device == "cuda" else "float32"),
+        "inference": {},
+        "training": {},
     }
-    for pipeline, settings in (("reference", REFERENCE), ("ours", OURS)):
-        infer = {**base, **settings["infer"], "input": volume, "ckpt_path": ckpt, "output_dir": str(work / pipeline)}
-        infer["bundle_root"] = str(work / f"{pipeline}_infer")
-        results[f"{pipeline}_infer"] = _child(pipeline, "infer_worker", infer)
-        train = {
-            **base,
-            **settings["train"],
-            "dataset_dir": dataset_dir,
-            "datalist": str(datalist),
-            "bundle_root": str(work / f"{pipeline}_train"),
-            "check_data": False,
-            "resume": False,
-        }
-        results[f"{pipeline}_train"] = _child(pipeline, "train_worker", train, str(iterations), str(warmup))
-    (ref_seg,), (our_seg,) = (list((work / p).glob("*_seg.nii.gz")) for p in ("reference", "ours"))
-    results["dice_agreement"] = _dice_agreement(ref_seg, our_seg)
-    ri, oi, rt, ot = (results[k] for k in ("reference_infer", "ours_infer", "reference_train", "ours_train"))
-    results["ratios"] = {
-        "inference_speedup": ri["seconds"] / oi["seconds"],
-        "inference_peak_rss": oi["peak_rss_mb"] / ri["peak_rss_mb"],
-        "training_speedup": rt["seconds_per_iteration"] / ot["seconds_per_iteration"],
-        "training_peak_rss": ot["peak_rss_mb"] / rt["peak_rss_mb"],
-    }
-    rows = [
-        ("inference s/volume", ri["seconds"], oi["seconds"]),
-        ("inference peak RSS MB", ri["peak_rss_mb"], oi["peak_rss_mb"]),
-        ("training s/iteration (4 crops)", rt["seconds_per_iteration"], ot["seconds_per_iteration"]),
-        ("training data-wait share", rt["data_share"], ot["data_share"]),
-        ("training peak RSS MB", rt["peak_rss_mb"], ot["peak_rss_mb"]),
-    ]
-    print(f"{'':32}{'reference':>12}{'ours':>12}{'ours/ref':>10}")
-    for name, ref, ours in rows:
-        print(f"{name:32}{ref:12.3f}{ours:12.3f}{ours / ref:10.2f}")
-    print(f"Dice agreement of the two label maps: {results['dice_agreement']:.4f}")
+    pipelines = _pipelines(device)
+    runs = {**pipelines, "ours, reference blending": ({"infer": {"inferer#mode": "constant"}}, {})}
+    for input_name, path in inputs.items():
+        rows = results["inference"][input_name] = {}
+        for name, (settings, env) in runs.items():
+            folder = work / "infer" / f"{input_name}_{name}".replace(" ", "_").replace(",", "").replace("+", "")
+            overrides = {**base, **settings["infer"], "input": str(path), "ckpt_path": ckpt}
+            rows[name] = _child(
+                env, "infer_worker", {**overrides, "output_dir": str(folder), "bundle_root": str(folder)}
+            )
+            rows[name]["flops_per_second"] = rows[name]["windows"] * flops["forward"] / rows[name]["seconds"]
+            rows[name]["label_map"] = str(next(folder.glob("*_seg.nii.gz")))
+        for name in runs:
+            rows[name]["dice_agreement"] = _dice_agreement(
+                Path(rows["reference"]["label_map"]), Path(rows[name]["label_map"])
+            )
+    for name, (settings, env) in pipelines.items():
+        folder = work / "train" / name.replace(" ", "_").replace("+", "")
+        overrides = {**base, **settings["train"], "dataset_dir": dataset_dir, "datalist": str(datalist)}
+        overrides.update({"bundle_root": str(folder), "check_data": False, "resume": False})
+        row = results["training"][name] = _child(env, "train_worker", overrides, str(iterations), str(warmup))
+        row["flops_per_second"] = row["crops_per_second"] * flops["training"]
+    _print_table(results)
     if out:
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
-    return results
+
+
+def _print_table(results: dict) -> None:
+    """Print every figure with its ratio to the reference."""
+    peak = results["matmul_peak_flops"]
+    print(f"{results['size']} configuration on {results['device']}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+
+    def block(title: str, rows: dict, figures: list[tuple[str, str, float]]) -> None:
+        names = list(rows)
+        print(f"\n{title:34}" + "".join(f"{n:>26}" for n in names))
+        for label, key, scale in figures:
+            ref = rows["reference"][key]
+            cells = "".join(
+                f"{rows[n][key] * scale:>16.3f} ({rows[n][key] / ref:5.2f}x)" if ref else f"{rows[n][key]:>26.3f}"
+                for n in names
+            )
+            print(f"{label:34}" + cells)
+        print(f"{'share of matmul peak':34}" + "".join(f"{rows[n]['flops_per_second'] / peak:>26.3f}" for n in names))
+
+    gpu = [("peak GPU MB", "peak_gpu_mb", 1)] if not results["device"].startswith("cpu") else []
+    for input_name, rows in results["inference"].items():
+        figures = [("s per volume", "seconds", 1), ("peak RSS MB", "peak_rss_mb", 1), *gpu]
+        block(f"inference, {input_name}", rows, [*figures, ("Dice agreement with reference", "dice_agreement", 1)])
+    block(
+        "training",
+        results["training"],
+        [
+            ("s per iteration", "seconds_per_iteration", 1),
+            ("volumes per s", "volumes_per_second", 1),
+            ("crops per s", "crops_per_second", 1),
+            ("data-wait share", "data_share", 1),
+            ("peak RSS MB", "peak_rss_mb", 1),
+            *gpu,
+        ],
+    )
 
 
 if __name__ == "__main__":
