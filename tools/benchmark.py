@@ -10,14 +10,17 @@ All pipelines are the same bundle configs run through MONAI's ``ConfigWorkflow``
 * ours, malloc as it comes (CPU): ours without the allocator setting, to separate its effect from the others';
 * ours + tcmalloc (CPU, where ``libtcmalloc_minimal.so.4`` is installed): ours with tcmalloc preloaded;
 * ours, reference blending (inference only): ours with constant blending, to show what the speed levers alone do to
-  the label map (the blending is a choice of accuracy, not of speed).
+  the label map (the blending is a choice of accuracy, not of speed);
+* ours (+ tcmalloc on the CPU), checkpointing (training only): with gradient checkpointing, the user's trade of
+  speed for memory.
 
 Inference runs on two inputs: the real sample torso CT (resampled by the pipeline to the size's spacing) and a
 512 x 512 x 150 volume at a native CT spacing made from it (the size of a BTCV scan as stored). Every measurement
 runs in a fresh process (clean peak memory, the allocator chosen before Python starts), on the same input and the
-same network weights, and reports wall time, peak memory and FLOP/s (FLOPs counted with PyTorch's FlopCounterMode;
-peak = a dense matmul measured on the same device); inference also the Dice agreement of the label maps with the
-reference's. Timings on a shared CPU vary from run to run: compare the ratios of one run.
+same network weights, and reports wall time, peak memory and FLOP/s (the network's FLOPs counted with PyTorch's
+FlopCounterMode, recomputation by checkpointing not counted; peak = a dense matmul measured on the same device);
+inference also the Dice agreement of the label maps with the reference's. Timings on a shared CPU vary from run to
+run: compare the ratios of one run.
 
 Usage:
     python tools/benchmark.py                   # small configuration (feature_size 12, 64^3) on this machine
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -66,6 +70,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
+def _kernel_share(before: resource.struct_rusage, after: resource.struct_rusage) -> dict:
+    """Where the CPU time between two ``getrusage`` readings went: the kernel's share (mostly handing out and zeroing
+    fresh memory pages) and the minor page faults taken."""
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return {"kernel_time_share": system / (user + system), "minor_page_faults": after.ru_minflt - before.ru_minflt}
+
+
 def _gpu_peak_mb() -> float | None:
     import torch
 
@@ -82,12 +93,13 @@ def infer_worker(overrides_file: str) -> None:
     evaluator = workflow.parser.get_parsed_content("evaluator")
     windows = []
     evaluator.network.register_forward_hook(lambda module, args, output: windows.append(args[0].shape[0]))
-    start = time.perf_counter()
+    usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     workflow.run()
     seconds = time.perf_counter() - start
+    kernel = _kernel_share(usage, resource.getrusage(resource.RUSAGE_SELF))
     workflow.finalize()
     result = {"seconds": seconds, "windows": sum(windows), "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb()}
-    print(json.dumps(result))
+    print(json.dumps({**result, **kernel}))
 
 
 def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
@@ -105,7 +117,12 @@ def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: marks["batch"].append(time.perf_counter()))
     trainer.add_event_handler(Events.GET_BATCH_STARTED, lambda _: marks["start"].append(time.perf_counter()))
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: marks["end"].append(time.perf_counter()))
+    usage = {}
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED(once=warmup), lambda _: usage.update(warm=resource.getrusage(resource.RUSAGE_SELF))
+    )
     workflow.run()
+    usage["end"] = resource.getrusage(resource.RUSAGE_SELF)
     workflow.finalize()
     steady = range(warmup, len(marks["end"]))
     seconds = (marks["end"][-1] - marks["end"][warmup - 1]) / len(steady)
@@ -120,7 +137,9 @@ def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
         "peak_rss_mb": _peak_rss_mb(),
         "peak_gpu_mb": _gpu_peak_mb(),
     }
-    print(json.dumps(result))
+    kernel = _kernel_share(usage["warm"], usage["end"])
+    kernel["minor_page_faults"] /= len(steady)  # per iteration
+    print(json.dumps({**result, **kernel}))
 
 
 def _child(env: dict, worker: str, overrides: dict, *args: str) -> dict:
@@ -203,13 +222,21 @@ def matmul_peak_flops(device: str, dtype: str = "float32", repeats: int = 10) ->
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text)
+
+
 def _pipelines(device: str) -> dict[str, tuple[dict, dict]]:
-    """name -> (settings, environment)."""
+    """name -> (settings of the inference and/or the training run, environment)."""
+    fast_malloc = tcmalloc_env() if device == "cpu" else {}
     pipelines = {"reference": (REFERENCE, {}), "ours": (OURS, {})}
     if device == "cpu":
         pipelines["ours, malloc as it comes"] = (MALLOC_AS_IT_COMES, {})
-        if tcmalloc_env():
-            pipelines["ours + tcmalloc"] = (OURS, tcmalloc_env())
+        if fast_malloc:
+            pipelines["ours + tcmalloc"] = (OURS, fast_malloc)
+    pipelines["ours, reference blending"] = ({"infer": {"inferer#mode": "constant"}}, {})
+    checkpointing = "ours + tcmalloc, checkpointing" if fast_malloc else "ours, checkpointing"
+    pipelines[checkpointing] = ({"train": {"network_def#use_checkpoint": True}}, fast_malloc)
     return pipelines
 
 
@@ -247,29 +274,30 @@ def main(
         "size": size,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "network_flops_per_window": flops,
-        "matmul_peak_flops": matmul_peak_flops(device, amp_dtype if device == "cuda" else "float32"),
+        "matmul_peak_flops": matmul_peak_flops(device, amp_dtype),
         "inference": {},
         "training": {},
     }
     pipelines = _pipelines(device)
-    runs = {**pipelines, "ours, reference blending": ({"infer": {"inferer#mode": "constant"}}, {})}
+    inference = {name: (settings["infer"], env) for name, (settings, env) in pipelines.items() if "infer" in settings}
+    training = {name: (settings["train"], env) for name, (settings, env) in pipelines.items() if "train" in settings}
     for input_name, path in inputs.items():
         rows = results["inference"][input_name] = {}
-        for name, (settings, env) in runs.items():
-            folder = work / "infer" / f"{input_name}_{name}".replace(" ", "_").replace(",", "").replace("+", "")
-            overrides = {**base, **settings["infer"], "input": str(path), "ckpt_path": ckpt}
+        for name, (settings, env) in inference.items():
+            folder = work / "infer" / _slug(f"{input_name} {name}")
+            overrides = {**base, **settings, "input": str(path), "ckpt_path": ckpt}
             rows[name] = _child(
                 env, "infer_worker", {**overrides, "output_dir": str(folder), "bundle_root": str(folder)}
             )
             rows[name]["flops_per_second"] = rows[name]["windows"] * flops["forward"] / rows[name]["seconds"]
             rows[name]["label_map"] = str(next(folder.glob("*_seg.nii.gz")))
-        for name in runs:
+        for name in inference:
             rows[name]["dice_agreement"] = _dice_agreement(
                 Path(rows["reference"]["label_map"]), Path(rows[name]["label_map"])
             )
-    for name, (settings, env) in pipelines.items():
-        folder = work / "train" / name.replace(" ", "_").replace("+", "")
-        overrides = {**base, **settings["train"], "dataset_dir": dataset_dir, "datalist": str(datalist)}
+    for name, (settings, env) in training.items():
+        folder = work / "train" / _slug(name)
+        overrides = {**base, **settings, "dataset_dir": dataset_dir, "datalist": str(datalist)}
         overrides.update({"bundle_root": str(folder), "check_data": False, "resume": False})
         row = results["training"][name] = _child(env, "train_worker", overrides, str(iterations), str(warmup))
         row["flops_per_second"] = row["crops_per_second"] * flops["training"]
@@ -285,19 +313,23 @@ def _print_table(results: dict) -> None:
 
     def block(title: str, rows: dict, figures: list[tuple[str, str]]) -> None:
         names = list(rows)
-        print(f"\n{title:34}" + "".join(f"{n:>24}" for n in names))
+        width = max(27, *(len(n) + 2 for n in names))
+        print(f"\n{title:34}" + "".join(f"{n:>{width}}" for n in names))
         for label, key in figures:
             ref = rows["reference"][key]
             cells = "".join(
-                f"{rows[n][key]:>14.3f} ({rows[n][key] / ref:5.2f}x)" if ref else f"{rows[n][key]:>24.3f}"
+                f"{rows[n][key]:>{width - 9}.3f} ({rows[n][key] / ref:5.2f}x)" if ref else f"{rows[n][key]:>{width}.3f}"
                 for n in names
             )
             print(f"{label:34}" + cells)
-        print(f"{'share of matmul peak':34}" + "".join(f"{rows[n]['flops_per_second'] / peak:>24.3f}" for n in names))
+        print(
+            f"{'share of matmul peak':34}" + "".join(f"{rows[n]['flops_per_second'] / peak:>{width}.3f}" for n in names)
+        )
 
     gpu = [("peak GPU MB", "peak_gpu_mb")] if not results["device"].startswith("cpu") else []
     for input_name, rows in results["inference"].items():
-        figures = [("s per volume", "seconds"), ("peak RSS MB", "peak_rss_mb"), *gpu]
+        figures = [("s per volume", "seconds"), ("kernel share of CPU time", "kernel_time_share")]
+        figures += [("minor page faults", "minor_page_faults"), ("peak RSS MB", "peak_rss_mb"), *gpu]
         block(f"inference, {input_name}", rows, [*figures, ("Dice agreement with reference", "dice_agreement")])
     block(
         "training",
@@ -307,6 +339,8 @@ def _print_table(results: dict) -> None:
             ("volumes per s", "volumes_per_second"),
             ("crops per s", "crops_per_second"),
             ("data-wait share", "data_share"),
+            ("kernel share of CPU time", "kernel_time_share"),
+            ("minor page faults per iteration", "minor_page_faults"),
             ("peak RSS MB", "peak_rss_mb"),
             *gpu,
         ],
