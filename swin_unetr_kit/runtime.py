@@ -1,8 +1,9 @@
 """CPU memory-allocator settings for the bundles' runs, measured with ``tools/benchmark.py``.
 
 Swin UNETR allocates the same large activations again for every sliding window and training step. glibc's malloc
-serves blocks over 32 MB with fresh ``mmap`` pages and gives them back on ``free``, so the kernel zeroes new pages for
-every window. Two remedies, both measured in the README's Performance section:
+serves large blocks (over a threshold that grows to at most 32 MB) with fresh ``mmap`` pages and gives them back on
+``free``, so the kernel hands out and zeroes new pages for every window: about half of the CPU time on 2 cores. Two
+remedies, both measured in the README's Performance section:
 
 * tcmalloc (Debian/Ubuntu ``libtcmalloc-minimal4``, conda ``gperftools``), preloaded before Python starts with
   ``LD_PRELOAD=libtcmalloc_minimal.so.4``: the fastest here, and memory close to glibc's;

@@ -118,6 +118,19 @@ def released_layout(encoder_state: dict) -> dict:
     return {"state_dict": {f"module.{k}": v for k, v in zip(renamed, encoder_state.values(), strict=True)}}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def lean_in_process_allocator():
+    """Bundle workflows run in this one process a hundred times; the freed memory their CPU default keeps
+    (``cpu_keep_freed_memory``) would pile up to ~15 GB here, so in-process runs call the allocator set-up with it off.
+    Subprocess runs (torchrun, the demo, the zoo download) keep the default; test_fast_settings.py checks the set-up."""
+    from swin_unetr_kit import runtime
+
+    tune = runtime.tune_cpu_allocator
+    runtime.tune_cpu_allocator = lambda device, keep_freed_memory=True: tune(device, keep_freed_memory=False)
+    yield
+    runtime.tune_cpu_allocator = tune
+
+
 def run_workflow(config_files: list[str], workflow_type: str = "train", **overrides):
     """Run a bundle workflow in-process the way ``python -m monai.bundle run`` does; return the workflow."""
     from monai.bundle import ConfigWorkflow
