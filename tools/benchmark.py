@@ -38,9 +38,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import fire
+import torch
 
 from swin_unetr_kit.runtime import tcmalloc_env
 
@@ -78,8 +80,6 @@ def _kernel_share(before: resource.struct_rusage, after: resource.struct_rusage)
 
 
 def _gpu_peak_mb() -> float | None:
-    import torch
-
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
@@ -174,7 +174,6 @@ def native_resolution_ct(source: Path, out: Path, shape: tuple[int, int, int] = 
     sample CT at the matrix size of a clinical scan (512 x 512 in-plane)."""
     import nibabel as nib
     import numpy as np
-    import torch
 
     image = nib.load(source)
     volume = torch.as_tensor(np.asarray(image.dataobj, dtype=np.float32))[None, None]
@@ -187,38 +186,33 @@ def native_resolution_ct(source: Path, out: Path, shape: tuple[int, int, int] = 
     return out
 
 
-def network_flops(base: dict) -> dict:
-    """FLOPs of the bundle's network (``base``'s size) for one window: inference forward, training forward+backward."""
-    import torch
-    from monai.bundle import ConfigWorkflow
+def network_flops(network: torch.nn.Module, window: Sequence[int]) -> dict:
+    """FLOPs of ``network`` for one window of shape ``window`` (channels first): inference forward, training
+    forward + backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    parser = ConfigWorkflow(
-        config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **base
-    ).parser
-    network = parser.get_parsed_content("network_def")
-    window = torch.rand(1, parser["in_channels"], *parser["roi_size"])
+    x = torch.rand(1, *window)
     with FlopCounterMode(display=False) as forward, torch.no_grad():
-        network.eval()(window)
+        network.eval()(x)
     with FlopCounterMode(display=False) as training:
-        network.train()(window).sum().backward()
+        network.train()(x).sum().backward()
+    network.zero_grad(set_to_none=True)
     return {"forward": forward.get_total_flops(), "training": training.get_total_flops()}
 
 
 def matmul_peak_flops(device: str, dtype: str = "float32", repeats: int = 10) -> float:
     """FLOP/s of a dense square matmul on ``device``: the practical peak the network's FLOP/s is compared with."""
-    import torch
-
     n = 8192 if device == "cuda" else 2048  # large enough to saturate each
-
     a = torch.rand(n, n, device=device, dtype=getattr(torch, dtype))
     b = torch.rand(n, n, device=device, dtype=getattr(torch, dtype))
     a @ b  # warm-up
-    torch.cuda.synchronize() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    torch.cuda.synchronize() if device == "cuda" else None
+    if device == "cuda":
+        torch.cuda.synchronize()
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
@@ -250,20 +244,20 @@ def main(
 ) -> None:
     """Benchmark inference and training of the pipelines; print a table, write JSON to ``out``."""
     import sample_data
-    import torch
+    from monai.bundle import ConfigWorkflow
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = {**SIZES[size], "num_workers": 0}
     dataset_dir = dataset_dir or sample_data.prepare()
     work = Path(tempfile.mkdtemp(prefix="swin_unetr_benchmark_"))
-    flops = network_flops(base)
+    torch.manual_seed(0)
+    config = str(BUNDLE / "configs" / "inference.json")
+    parser = ConfigWorkflow(config_file=config, workflow_type="infer", **base).parser
+    network = parser.get_parsed_content("network_def")
     if ckpt is None:  # the same seeded random weights for every pipeline
-        torch.manual_seed(0)
-        from monai.bundle import ConfigWorkflow
-
-        parser = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **base)
         ckpt = str(work / "weights.pt")
-        torch.save(parser.parser.get_parsed_content("network_def").state_dict(), ckpt)
+        torch.save(network.state_dict(), ckpt)
+    flops = network_flops(network, [parser["in_channels"], *parser["roi_size"]])
     torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
     inputs = {"sample CT": torso, "512x512x150": native_resolution_ct(torso, work / "native_ct.nii.gz")}
     case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
