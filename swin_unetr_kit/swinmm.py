@@ -1,21 +1,21 @@
 """SwinMM (Wang et al., MICCAI 2023): masked multi-view pre-training, cross-view fine-tuning and multi-view inference,
-as parts the bundles' configs can name.
+as parts the bundles' configs can name. Each piece follows the released SwinMM code (UCSC-VLAA/SwinMM, ``Pretrain/``
+and ``WORD/``); where it does not, its docstring says so and why.
 
 * :class:`View` (an axis ordering followed by quarter turns in one plane) and :data:`INFERENCE_VIEWS`;
 * pre-training: :func:`grid_mask`, :class:`SwinMMViewsd`, :func:`prepare_swinmm_batch` and :class:`SwinMMLoss`, used
   with the same :class:`~swin_unetr_kit.ssl.SSLHead` as the Swin UNETR pre-training, so the checkpoint is the same;
-* fine-tuning: :class:`CrossViewSwinUNETR` (a ``SwinUNETR`` run on two views with cross-attention between them at the
-  bottleneck) and :class:`CrossViewLoss`;
-* inference: :class:`MultiViewSlidingWindowInferer`, softmax (or sigmoid) averaging over views of every window.
+* fine-tuning: :class:`CrossViewSwinUNETR` (a ``SwinUNETR`` run on two axis orderings of a window, cross-attention
+  between them after ``encoder10``) and :class:`CrossViewLoss`;
+* inference: :class:`MultiViewSlidingWindowInferer`: the cross-view network over all its view pairs (the released
+  test script), or test-time views for a plain network.
 
-Choices where the released SwinMM code and the paper differ are documented on each piece: the mask hides exactly
-``mask_ratio`` of the cells (the released code hides 1 - ratio), and the cross-view network and the multi-view
-inferer return log-probabilities of the fused prediction, so the bundles' softmax/argmax post-processing stays as it is.
+The cross-view network and the multi-view inferer return log-probabilities of the fused prediction, so the bundles'
+softmax/argmax (or sigmoid/threshold) post-processing stays as it is.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
-from monai.networks.blocks import CrossAttentionBlock
+from monai.networks.blocks import CrossAttentionBlock, UnetrBasicBlock
 from monai.networks.nets import SwinUNETR
 from monai.transforms import MapTransform, Randomizable
 from monai.utils import ensure_tuple_rep
@@ -70,10 +70,11 @@ class View:
         return self.permutation == IDENTITY and self.quarter_turns % 4 == 0
 
 
-# the axial, coronal and sagittal orderings of a cubic window (identity, then a swap of two axes, then another pair)
-ORDERINGS = (IDENTITY, (0, 2, 1), (2, 1, 0))
-# views of multi-view inference, in the order ``num_views`` takes them (skipping those that change the window's shape):
-# the orderings, then the in-plane turns
+# the released SwinMM code's axis orderings of a cubic window (its ``permutation_transforms`` 0, 1, 2): the identity, a
+# swap of the first two spatial axes, a swap of the first and last; pre-training permutes with the last two
+ORDERINGS = (IDENTITY, (1, 0, 2), (2, 1, 0))
+# test-time views of a plain network, in the order ``num_views`` takes them (skipping those that change the window's
+# shape): the orderings, then the in-plane turns
 INFERENCE_VIEWS = (
     View(),
     View((0, 2, 1)),
@@ -114,15 +115,20 @@ def grid_mask(
 
 
 class SwinMMViewsd(Randomizable, MapTransform):
-    """Masked multi-view inputs of SwinMM pre-training for each crop.
+    """Masked multi-view inputs of SwinMM pre-training for each crop, as the released code builds them.
 
-    One :func:`grid_mask` per crop zeroes its masked cells; the masked crop is then seen through four views: two
-    random quarter turns (views 1 and 2, as in the Swin UNETR pre-training), and the same two turns applied after a
-    random non-identity axis ordering (views 3 and 4). Because every view is taken of the one masked crop, the mask is
-    the same physical region in all of them.
+    Views 1 and 2 are the crop under two independent random quarter turns (the Swin UNETR pre-training's rotation),
+    each masked by its own :func:`grid_mask` drawn in its own frame; view 3 is masked view 1 under a random
+    non-identity axis ordering (:data:`ORDERINGS` 1 or 2), view 4 masked view 2 under another, independent draw (the two
+    may coincide). So views 1 and 3 share mask 1, views 2 and 4 share mask 2.
 
-    Writes ``views`` [4, C, X, Y, Z], ``rotation`` [4] (the quarter turns, the rotation head's labels),
-    ``permutation`` [4, 3], ``mask`` [1, X, Y, Z] (1 = masked) and ``target`` (the unmasked crop, original frame).
+    Writes ``views`` [4, C, X, Y, Z]; ``rotation`` [2] (the turns of views 1 and 2, the rotation head's labels);
+    ``permutation`` [2, 3] (the orderings of views 3 and 4); ``mask`` [2, 1, X, Y, Z] (1 = masked, in the frames of
+    views 1 and 2) and ``target`` [2, C, X, Y, Z] (views 1 and 2 unmasked, the reconstruction targets).
+
+    Differs from the released code in one way: turns, masks and orderings are drawn per crop here, in the data
+    pipeline; there the turns are per crop but each mask and ordering is drawn once per batch (an artefact of
+    masking on the GPU; per crop gives every crop the same distribution and decorrelates the crops of a batch).
     """
 
     def __init__(self, keys: KeysCollection = "image", mask_ratio: float = 0.5, cell_size: int = 16) -> None:
@@ -133,10 +139,8 @@ class SwinMMViewsd(Randomizable, MapTransform):
         self.cell_size = cell_size
 
     def randomize(self, data: object = None) -> None:
-        turns = [int(self.R.randint(0, 4)) for _ in range(2)]
-        orderings = [ORDERINGS[1 + int(self.R.randint(0, len(ORDERINGS) - 1))] for _ in range(2)]
-        self.views = [View(IDENTITY, turns[0]), View(IDENTITY, turns[1]), View(orderings[0], turns[0])]
-        self.views.append(View(orderings[1], turns[1]))
+        self.turns = [int(self.R.randint(0, 4)) for _ in range(2)]
+        self.orderings = [ORDERINGS[1 + int(self.R.randint(0, len(ORDERINGS) - 1))] for _ in range(2)]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -146,13 +150,15 @@ class SwinMMViewsd(Randomizable, MapTransform):
             spatial = crop.shape[1:]
             if len(set(spatial)) != 1:
                 raise ValueError(f"SwinMM views need a cubic crop (axis orderings), got {tuple(spatial)}")
-            mask = grid_mask(spatial, self.cell_size, self.mask_ratio, self.R)
-            masked = crop * (~mask).to(crop.dtype)
-            d["views"] = torch.stack([view.apply(masked) for view in self.views])
-            d["rotation"] = torch.tensor([view.quarter_turns for view in self.views])
-            d["permutation"] = torch.tensor([view.permutation for view in self.views])
-            d["mask"] = mask[None].float()
-            d["target"] = crop
+            rotated = [View(IDENTITY, turns).apply(crop) for turns in self.turns]
+            masks = [grid_mask(spatial, self.cell_size, self.mask_ratio, self.R) for _ in rotated]
+            masked = [x * (~mask).to(x.dtype) for x, mask in zip(rotated, masks, strict=True)]
+            permuted = [View(order).apply(x) for order, x in zip(self.orderings, masked, strict=True)]
+            d["views"] = torch.stack(masked + permuted)
+            d["rotation"] = torch.tensor(self.turns)
+            d["permutation"] = torch.tensor(self.orderings)
+            d["mask"] = torch.stack(masks)[:, None].float()
+            d["target"] = torch.stack(rotated)
         return d
 
 
@@ -160,36 +166,54 @@ def prepare_swinmm_batch(
     batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
 ):
     """``prepare_batch`` for MONAI's trainers: the views of a batch as one batch, view-major (all samples' view 1, then
-    view 2, ...), with what :class:`SwinMMLoss` needs to map each reconstruction back to the original frame."""
+    view 2, ...), and the targets of the rotated views 1 and 2 in the same order (all view 1 rows, then all view 2
+    rows), with the orderings :class:`SwinMMLoss` needs to map views 3 and 4 back onto them."""
 
     def to(x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(x).to(device=device, non_blocking=non_blocking)
 
-    views = batchdata["views"]  # B, V, C, X, Y, Z
-    inputs = views.transpose(0, 1).flatten(0, 1)
+    def view_major(x: torch.Tensor) -> torch.Tensor:  # B, V, ... -> V·B, ...
+        return torch.as_tensor(x).transpose(0, 1).flatten(0, 1)
+
     targets = {
-        "rotation": to(batchdata["rotation"].transpose(0, 1).flatten().long()),
-        "permutation": batchdata["permutation"].transpose(0, 1).flatten(0, 1),
-        "reconstruction": to(batchdata["target"]),
-        "mask": to(batchdata["mask"]),
+        "rotation": to(view_major(batchdata["rotation"]).long()),
+        "permutation": view_major(batchdata["permutation"]),
+        "reconstruction": to(view_major(batchdata["target"])),
+        "mask": to(view_major(batchdata["mask"])),
     }
-    return to(inputs), targets
+    return to(view_major(batchdata["views"])), targets
 
 
 def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the masked voxels (``mask`` [B, 1, ...], 1 = masked): the MSE over all voxels of
-    ``mask · (a - b)²`` divided by the mask ratio, which is what SwinMM's normalisation amounts to."""
+    """Mean squared error over the masked voxels (``mask`` [B, 1, ...], 1 = masked): the sum of ``mask · (a - b)²``
+    over the masked voxels' count. The released code takes the mean over all voxels divided by the mask ratio, the same
+    value whenever the mask hides exactly that ratio (as :func:`grid_mask` does)."""
     squared = (a.float() - b.float()) ** 2 * mask
     return squared.sum() / (mask.sum() * a.shape[1]).clamp_min(1.0)
 
 
+def normalise_per_sample(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each sample and channel of ``x`` [B, C, ...] shifted and scaled to zero mean, unit variance over its voxels: the
+    released code's ``norm_pix_loss`` target (unbiased variance, ``eps`` added to it)."""
+    flat = x.float().flatten(2)
+    mean, var = flat.mean(-1, keepdim=True), flat.var(-1, keepdim=True)
+    return ((flat - mean) / (var + eps).sqrt()).reshape(x.shape)
+
+
 class SwinMMLoss(SSLLoss):
     """SwinMM pre-training loss on :class:`~swin_unetr_kit.ssl.SSLHead` predictions of a
-    :func:`prepare_swinmm_batch` batch:
+    :func:`prepare_swinmm_batch` batch, the released code's terms:
 
-    λ_rot · CE(rotation, all views) + λ_con · NT-Xent(view 1 vs 2, view 3 vs 4, averaged) + λ_rec · masked MSE of each
-    view's reconstruction mapped back to the original frame against the unmasked crop + λ_mut · masked MSE between
-    the mapped-back reconstructions of every pair of views of a sample (mutual learning: zero when the views agree).
+    * ``rotation``: CE of the rotation head on views 1 and 2;
+    * ``contrastive``: NT-Xent between views 1 and 2 (temperature 0.5);
+    * ``reconstruction``: masked MSE of views 1 and 2 against their unmasked rotated crops;
+    * ``permuted_reconstruction``: the same for views 3 and 4, their reconstructions mapped back to the frames of
+      views 1 and 2 (no rotation or contrastive term on them);
+    * ``mutual``: masked MSE (mask 1) between view 3's mapped-back reconstruction and view 1's.
+
+    Total = λ_rot · rotation + λ_con · contrastive + λ_rec · (reconstruction + permuted_reconstruction)
+    + λ_mut · mutual. With ``norm_pix_loss`` (the released run's setting) the reconstruction targets are
+    :func:`normalise_per_sample`; the mutual term compares the two reconstructions as they are.
     """
 
     def __init__(
@@ -199,91 +223,116 @@ class SwinMMLoss(SSLLoss):
         reconstruction_weight: float = 1.0,
         mutual_weight: float = 1.0,
         temperature: float = 0.5,
+        norm_pix_loss: bool = True,
     ) -> None:
         super().__init__(rotation_weight, contrastive_weight, reconstruction_weight, temperature)
+        self.weights["permuted_reconstruction"] = reconstruction_weight
         self.weights["mutual"] = mutual_weight
+        self.norm_pix_loss = norm_pix_loss
 
     def compute_terms(
         self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        batch = target["reconstruction"].shape[0]
+        rows = target["reconstruction"].shape[0]  # views 1 and 2 of every sample
+        batch = rows // 2
         mask = target["mask"]
-        views = [
-            View(tuple(int(a) for a in order), int(turns)).invert(rec[None])[0]
-            for rec, order, turns in zip(
-                pred["reconstruction"], target["permutation"], target["rotation"].cpu(), strict=True
-            )
-        ]
-        reconstructions = torch.stack(views).unflatten(0, (-1, batch))  # V, B, C, X, Y, Z (original frame)
-        z = F.normalize(pred["contrastive"].float(), dim=1).unflatten(0, (-1, batch))
-        contrastive = [self.contrastive(gather_rows(z[i]), gather_rows(z[i + 1])) for i in range(0, len(z) - 1, 2)]
-        pairs = list(itertools.combinations(range(len(reconstructions)), 2))
+        goal = normalise_per_sample(target["reconstruction"]) if self.norm_pix_loss else target["reconstruction"]
+        rotated = pred["reconstruction"][:rows]
+        permuted = torch.cat(
+            [
+                View(tuple(int(a) for a in order)).invert(rec[None])
+                for rec, order in zip(pred["reconstruction"][rows:], target["permutation"], strict=True)
+            ]
+        )
+        z = F.normalize(pred["contrastive"][:rows].float(), dim=1)
+        rotation_logits = pred["rotation"][:rows]
         return {
-            "rotation": F.cross_entropy(pred["rotation"].float(), target["rotation"]),
-            "contrastive": torch.stack(contrastive).mean(),
-            "reconstruction": torch.stack(
-                [masked_mse(rec, target["reconstruction"], mask) for rec in reconstructions]
-            ).mean(),
-            "mutual": torch.stack([masked_mse(reconstructions[i], reconstructions[j], mask) for i, j in pairs]).mean(),
-            "rotation_accuracy": (pred["rotation"].argmax(1) == target["rotation"]).float().mean().detach(),
+            "rotation": F.cross_entropy(rotation_logits.float(), target["rotation"]),
+            "contrastive": self.contrastive(gather_rows(z[:batch]), gather_rows(z[batch:])),
+            "reconstruction": masked_mse(rotated, goal, mask),
+            "permuted_reconstruction": masked_mse(permuted, goal, mask),
+            "mutual": masked_mse(permuted[:batch], rotated[:batch], mask[:batch]),
+            "rotation_accuracy": (rotation_logits.argmax(1) == target["rotation"]).float().mean().detach(),
         }
+
+
+def _probabilities(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "softmax":
+        return logits.float().softmax(1)
+    if activation == "sigmoid":
+        return logits.float().sigmoid()
+    raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+
+
+def _from_probabilities(probabilities: torch.Tensor, activation: str) -> torch.Tensor:
+    """Log-probabilities (softmax) or logits (sigmoid) whose softmax/sigmoid gives ``probabilities`` back."""
+    if activation == "softmax":
+        return probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()
+    return torch.logit(probabilities, eps=1e-7)
 
 
 def fuse_views(outputs: Sequence[torch.Tensor], activation: str = "softmax") -> torch.Tensor:
     """Average the views' probabilities (softmax over channels, or per-channel sigmoid) and return them as
     log-probabilities (softmax) or logits (sigmoid), so softmax/sigmoid and argmax/threshold afterwards give the
-    averaged probabilities and their labels."""
-    if activation == "softmax":
-        probabilities = torch.stack([o.float().softmax(1) for o in outputs]).mean(0)
-        return probabilities.clamp_min(torch.finfo(torch.float32).tiny).log()
-    if activation == "sigmoid":
-        probabilities = torch.stack([o.float().sigmoid() for o in outputs]).mean(0)
-        return torch.logit(probabilities, eps=1e-7)
-    raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
+    averaged probabilities and their labels (the argmax of the released code's sum of softmax outputs)."""
+    probabilities = torch.stack([_probabilities(o, activation) for o in outputs]).mean(0)
+    return _from_probabilities(probabilities, activation)
 
 
 class CrossViewFusion(nn.Module):
-    """Bidirectional cross-attention between two views' bottleneck features (given in the same frame): each view's
-    tokens attend to the other's, through one shared :class:`~monai.networks.blocks.CrossAttentionBlock`, with a
-    learnable position embedding of the bottleneck's token grid; residual, pre-norm."""
+    """The released SwinMM code's one-layer ``TransFusion`` between two views' bottleneck features (given in the
+    same frame): a shared 1×1×1 convolution embeds each view's tokens, a learnable position embedding of the token grid
+    is added, both are layer-normed and each attends to the other through one shared
+    :class:`~monai.networks.blocks.CrossAttentionBlock`; the attention outputs, layer-normed, REPLACE the features
+    (no residual add)."""
 
-    def __init__(self, dim: int, num_tokens: int, num_heads: int = 24) -> None:
+    def __init__(self, dim: int, num_tokens: int, num_heads: int = 24, dropout_rate: float = 0.0) -> None:
         super().__init__()
+        self.embed = nn.Conv3d(dim, dim, kernel_size=1)
         self.position = nn.Parameter(torch.zeros(1, num_tokens, dim))
-        nn.init.trunc_normal_(self.position, std=0.02)
-        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout_rate)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attention = CrossAttentionBlock(hidden_size=dim, num_heads=num_heads, qkv_bias=True)
+        self.out_norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens_a, tokens_b = (x.flatten(2).transpose(1, 2) for x in (a, b))
+        tokens_a, tokens_b = (self.embed(x).flatten(2).transpose(1, 2) for x in (a, b))
         if tokens_a.shape[1] != self.position.shape[1]:
             raise ValueError(
                 f"cross-view fusion was built for {self.position.shape[1]} bottleneck tokens (roi_size / 32), got "
                 f"{tokens_a.shape[1]} from a window of {tuple(a.shape[2:])} tokens: use the network's roi_size"
             )
-        query_a, query_b = self.norm(tokens_a) + self.position, self.norm(tokens_b) + self.position
-        fused_a = tokens_a + self.attention(query_a, context=query_b)
-        fused_b = tokens_b + self.attention(query_b, context=query_a)
+        tokens_a = self.norm(self.dropout(tokens_a + self.position))
+        tokens_b = self.norm(self.dropout(tokens_b + self.position))
+        fused_a = self.out_norm(self.attention(tokens_a, context=tokens_b))
+        fused_b = self.out_norm(self.attention(tokens_b, context=tokens_a))
         return fused_a.transpose(1, 2).reshape(a.shape), fused_b.transpose(1, 2).reshape(b.shape)
 
 
 class CrossViewSwinUNETR(SwinUNETR):
-    """SwinMM's fine-tuning network: one ``SwinUNETR`` (shared encoder and decoder) applied to the window and to a
-    second view of it, with :class:`CrossViewFusion` exchanging information between the two at the bottleneck.
+    """SwinMM's fine-tuning network (the released ``WORD/models/swin_unetr.py``): one ``SwinUNETR`` (shared encoder
+    and decoder) run on two axis orderings of the window, with
 
-    It is a ``SwinUNETR`` subclass with the same state dict keys plus ``fusion.*``, so pre-trained encoders (from
-    either pre-training) load into it as into the plain network. Output, in the original frame of the window:
+    * ``encoder5``, a residual ``UnetrBasicBlock`` on the 4th hidden state, whose output the decoder takes as its skip
+      instead of the raw hidden state;
+    * :class:`CrossViewFusion` after ``encoder10``, in the frame of the first view, replacing both views' bottleneck
+      features.
 
-    * training mode: both views' logits concatenated on the channel axis ([B, 2 × out_channels, ...]), for
-      :class:`CrossViewLoss`;
-    * eval mode: the fused prediction, :func:`fuse_views` of the two (log-probabilities), for the unchanged
-      softmax/argmax (or sigmoid/threshold) post-processing of the bundles.
+    The views are the orderings of :data:`ORDERINGS` that keep the window's shape (all three for a cube; the identity
+    and (1, 0, 2) for 128 x 128 x 32). Output, in the original frame of the window:
+
+    * training mode: two distinct orderings drawn at random (torch's generator) at every call, both views' logits
+      concatenated on the channel axis ([B, 2 × out_channels, ...]) for :class:`CrossViewLoss`;
+    * eval mode: :func:`fuse_views` of every view of every pair of :attr:`view_pairs` (the released test script's six
+      outputs for a cube), window by window, for plain inferers and export. :class:`MultiViewSlidingWindowInferer`
+      instead stitches each output over the volume before fusing, as the released test script does.
+
+    It is a ``SwinUNETR`` subclass: its state dict has the plain network's keys plus ``encoder5.*`` and ``fusion.*``,
+    so pre-trained encoders (from either pre-training) load into it as into the plain network.
 
     Args:
         roi_size: the training and sliding-window size; fixes the fusion's position embedding.
-        second_view_permutation: the axis ordering of the second view; by default the first of (0, 2, 1), (2, 1, 0),
-            (1, 0, 2) that keeps the window's shape (the first for a cubic window; (1, 0, 2) for 128 x 128 x 32).
-        fusion_heads: attention heads of the fusion (divides ``16 × feature_size``).
+        fusion_heads: attention heads of the fusion (divides ``16 × feature_size``; the released code uses 24).
         activation: ``softmax`` or ``sigmoid``, how the eval-mode fusion turns logits into probabilities.
         kwargs: ``SwinUNETR``'s arguments.
     """
@@ -294,52 +343,66 @@ class CrossViewSwinUNETR(SwinUNETR):
         in_channels: int,
         out_channels: int,
         feature_size: int = 48,
-        second_view_permutation: Sequence[int] | None = None,
         fusion_heads: int = 24,
         activation: str = "softmax",
         **kwargs,
     ) -> None:
         super().__init__(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size, **kwargs)
-        if second_view_permutation is None:
-            candidates = [View(order) for order in (*ORDERINGS[1:], (1, 0, 2)) if keeps_shape(View(order), roi_size)]
-            if not candidates:
-                raise ValueError(f"no axis re-ordering keeps the shape of the window {tuple(roi_size)}")
-            self.view = candidates[0]
-        else:
-            self.view = View(tuple(int(a) for a in second_view_permutation))
-        if not keeps_shape(self.view, roi_size):
-            raise ValueError(f"the second view {self.view.permutation} changes the shape of the window {roi_size}")
+        self.orderings = [View(order) for order in ORDERINGS if keeps_shape(View(order), roi_size)]
+        if len(self.orderings) < 2:
+            raise ValueError(
+                f"the window {tuple(roi_size)} keeps its shape under only {len(self.orderings)} of the axis orderings "
+                f"{ORDERINGS}; cross-view fine-tuning needs two (a cube, or two equal leading sizes)"
+            )
+        # the released test script's pairs: every ordering once as the first view, with the next one
+        self.view_pairs = [(i, (i + 1) % len(self.orderings)) for i in range(len(self.orderings))]
         if activation not in ("softmax", "sigmoid"):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
         self.activation = activation
+        self.encoder5 = UnetrBasicBlock(
+            spatial_dims=3,
+            in_channels=8 * feature_size,
+            out_channels=8 * feature_size,
+            kernel_size=3,
+            stride=1,
+            norm_name=kwargs.get("norm_name", "instance"),
+            res_block=True,
+        )
         tokens = math.prod(int(s) // 32 for s in roi_size)
-        self.fusion = CrossViewFusion(16 * feature_size, tokens, fusion_heads)
+        self.fusion = CrossViewFusion(16 * feature_size, tokens, fusion_heads, kwargs.get("drop_rate", 0.0))
 
-    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
-            self._check_input_size(x_in.shape[2:])
-        x = torch.cat([x_in, self.view.apply(x_in)])
+    def forward_views(self, x_in: torch.Tensor, pair: Sequence[int]) -> list[torch.Tensor]:
+        """The logits of the two views ``pair`` (indices into :attr:`orderings`) of ``x_in``, each mapped back to the
+        frame of ``x_in``."""
+        first, second = (self.orderings[i] for i in pair)
+        x = torch.cat([first.apply(x_in), second.apply(x_in)])
         hidden = self.swinViT(x, self.normalize)
-        first, second = hidden[4].chunk(2)
-        first, second = self.fusion(first, self.view.invert(second))
-        bottleneck = torch.cat([first, self.view.apply(second)])
         enc0 = self.encoder1(x)
         enc1 = self.encoder2(hidden[0])
         enc2 = self.encoder3(hidden[1])
         enc3 = self.encoder4(hidden[2])
-        dec3 = self.decoder5(self.encoder10(bottleneck), hidden[3])
-        dec0 = self.decoder2(self.decoder3(self.decoder4(dec3, enc3), enc2), enc1)
-        logits = self.out(self.decoder1(dec0, enc0))
-        first, second = logits.chunk(2)
-        views = [first, self.view.invert(second)]
+        enc4 = self.encoder5(hidden[3])
+        bottleneck_a, bottleneck_b = self.encoder10(hidden[4]).chunk(2)
+        fused_a, fused_b = self.fusion(bottleneck_a, first.apply(second.invert(bottleneck_b)))
+        bottleneck = torch.cat([fused_a, second.apply(first.invert(fused_b))])
+        dec0 = self.decoder2(self.decoder3(self.decoder4(self.decoder5(bottleneck, enc4), enc3), enc2), enc1)
+        logits_a, logits_b = self.out(self.decoder1(dec0, enc0)).chunk(2)
+        return [first.invert(logits_a), second.invert(logits_b)]
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            self._check_input_size(x_in.shape[2:])
         if self.training:
-            return torch.cat(views, 1)
-        return fuse_views(views, self.activation)
+            pair = torch.randperm(len(self.orderings))[:2].tolist()
+            return torch.cat(self.forward_views(x_in, pair), 1)
+        return fuse_views([o for pair in self.view_pairs for o in self.forward_views(x_in, pair)], self.activation)
 
 
 class CrossViewLoss(nn.Module):
-    """Dice-CE of each view's prediction (averaged over the views) + ``consistency_weight`` × the symmetric KL
-    divergence between the two views' probabilities (softmax over classes, or per-channel Bernoulli for sigmoid).
+    """The released SwinMM fine-tuning loss: the mean over the views of [Dice-CE(view, label) + ``consistency_weight``
+    × the mean over the other views of ``KLDivLoss(reduction='mean')(log p_view, p_other)``], i.e. KL averaged over
+    every element, the class axis included. ``sigmoid``: each channel a Bernoulli variable, the KL over the stacked
+    [p, 1 - p] the same way (the released code has softmax only).
 
     ``pred`` is the training-mode output of :class:`CrossViewSwinUNETR`; ``kwargs`` go to MONAI's ``DiceCELoss``.
     The terms of the last call are in :attr:`terms`, for logging.
@@ -364,24 +427,36 @@ class CrossViewLoss(nn.Module):
         views = pred.float().chunk(self.num_views, 1)
         segmentation = torch.stack([self.dice_ce(view, target) for view in views]).mean()
         log_p = [self._log_probabilities(view) for view in views]
-        reduce = 1 if not self.sigmoid else -1  # the axis the distribution is over
         kl = [
-            (F.kl_div(log_p[j], log_p[i], log_target=True, reduction="none").sum(reduce).mean())
-            for i, j in itertools.permutations(range(self.num_views), 2)
+            F.kl_div(log_p[i], log_p[j], log_target=True, reduction="none").mean()
+            for i in range(self.num_views)
+            for j in range(self.num_views)
+            if i != j
         ]
         consistency = torch.stack(kl).mean()
         self.terms = {"segmentation": float(segmentation.detach()), "consistency": float(consistency.detach())}
         return segmentation + self.consistency_weight * consistency
 
 
-class MultiViewSlidingWindowInferer(SlidingWindowInferer):
-    """MONAI's sliding-window inference with every window predicted under ``num_views`` views (the first of
-    :data:`INFERENCE_VIEWS`, or ``views``), mapped back to the window's frame and fused by :func:`fuse_views`.
+def _cross_view_network(network: Callable) -> CrossViewSwinUNETR | None:
+    """The :class:`CrossViewSwinUNETR` behind ``network`` (itself, or inside a DDP/DataParallel wrapper), if any."""
+    module = getattr(network, "module", network)
+    return module if isinstance(module, CrossViewSwinUNETR) else None
 
-    Test-time augmentation for a plain ``SwinUNETR`` and SwinMM's multi-view inference for either network. With the
-    identity view alone it gives the softmax (and labels) of plain sliding-window inference: the fused output is the
-    log-softmax of the logits, which differs from them by a per-voxel constant that blending and softmax cancel.
-    Only views that keep the window's shape are taken: all seven for a cubic ``roi_size``, three for 128 x 128 x 32.
+
+class MultiViewSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's sliding-window inference over several views, fused by :func:`fuse_views`.
+
+    * For a :class:`CrossViewSwinUNETR`: SwinMM's multi-view inference as the released test script does it. For each
+      of the network's :attr:`~CrossViewSwinUNETR.view_pairs` one sliding-window pass of the two-view network, each
+      view's logits mapped back and stitched over the volume (with this inferer's blending, Gaussian in the bundles);
+      then the softmax (or sigmoid, the network's ``activation``) of every stitched output, averaged over the six
+      outputs (three pairs) and returned as log-probabilities. ``num_views`` must be 1 (the network brings its views).
+    * For any other network: test-time augmentation, every window predicted under ``num_views`` views (the first of
+      :data:`INFERENCE_VIEWS`, or ``views``), mapped back to the window's frame and fused window by window. With the
+      identity view alone it gives the softmax (and labels) of plain sliding-window inference: the fused output is the
+      log-softmax of the logits, which differs from them by a per-voxel constant that blending and softmax cancel.
+      Only views that keep the window's shape are taken: all seven for a cubic ``roi_size``, three for 128 x 128 x 32.
     """
 
     def __init__(
@@ -407,7 +482,7 @@ class MultiViewSlidingWindowInferer(SlidingWindowInferer):
         changed = [v for v in views if not keeps_shape(v, window)]
         if changed:
             raise ValueError(f"views {changed} change the shape of the window {window}")
-        fuse_views([torch.zeros(1, 1)], activation)  # checks the activation's name
+        _probabilities(torch.zeros(1, 1), activation)  # checks the activation's name
         self.views = list(views)
         self.activation = activation
 
@@ -416,7 +491,31 @@ class MultiViewSlidingWindowInferer(SlidingWindowInferer):
         return fuse_views(outputs, self.activation)
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs):
+        cross_view = _cross_view_network(network)
+        if cross_view is not None:
+            return self.cross_view_inference(inputs, cross_view, *args, **kwargs)
+
         def fused(window: torch.Tensor, *a, **k) -> torch.Tensor:
             return self.predict_views(window, network, *a, **k)
 
         return super().__call__(inputs, fused, *args, **kwargs)
+
+    def cross_view_inference(self, inputs: torch.Tensor, network: CrossViewSwinUNETR, *args, **kwargs):
+        """The released test script's inference: stitch each view of each pair, then average their probabilities."""
+        if self.views != [View()]:
+            raise ValueError(
+                "a CrossViewSwinUNETR brings its own views (every pair of its orderings, as SwinMM's inference does): "
+                f"use num_views 1 with it, got {len(self.views)} views"
+            )
+        total, count = None, 0
+        for pair in network.view_pairs:
+
+            def both_views(window: torch.Tensor, *a, pair: Sequence[int] = pair, **k) -> torch.Tensor:
+                return torch.cat(network.forward_views(window, pair), 1)
+
+            stitched = super().__call__(inputs, both_views, *args, **kwargs)
+            for output in stitched.chunk(2, 1):
+                probabilities = _probabilities(output, network.activation)
+                total = probabilities if total is None else total + probabilities
+                count += 1
+        return _from_probabilities(total / count, network.activation)

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, SMALL, configs, run_workflow, write_ct_case
 from monai.bundle import ConfigWorkflow
 from monai.data import list_data_collate
 from monai.inferers import SlidingWindowInferer
+from monai.losses import DiceCELoss
+from monai.networks.blocks import UnetrBasicBlock
 from monai.networks.nets import SwinUNETR
 from torch import nn
 
@@ -21,7 +25,6 @@ from swin_unetr_kit.pretrained import load_pretrained_encoder
 from swin_unetr_kit.ssl import SSLHead, decay_param_groups
 from swin_unetr_kit.swinmm import (
     INFERENCE_VIEWS,
-    ORDERINGS,
     CrossViewFusion,
     CrossViewLoss,
     CrossViewSwinUNETR,
@@ -64,21 +67,33 @@ def test_grid_mask_hides_exactly_the_ratio_asked_in_whole_cells(ratio, cell):
         grid_mask((64, 64, 60), 16, ratio, np.random.RandomState(0))
 
 
-def test_views_share_one_mask_and_map_back_to_the_masked_crop():
+def test_rotated_views_masked_independently_and_permuted_views_keep_their_source_mask():
     transform = SwinMMViewsd(mask_ratio=0.5, cell_size=16)
     transform.set_random_state(3)
     crop = torch.rand(1, 64, 64, 64) + 0.1  # no zeros of its own, so zeros mark the mask
     d = transform({"image": crop})
-    mask = d["mask"].bool()
-    assert d["mask"].mean().item() == 0.5
-    assert torch.equal(d["target"], crop)
-    masked = crop * ~mask
-    for view_input, order, turns in zip(d["views"], d["permutation"], d["rotation"], strict=True):
-        view = View(tuple(order.tolist()), int(turns))
-        assert torch.equal(view.invert(view_input), masked)  # the same masked volume behind every view
-    assert d["rotation"][0] == d["rotation"][2] and d["rotation"][1] == d["rotation"][3]
-    assert [tuple(p.tolist()) for p in d["permutation"][:2]] == [(0, 1, 2)] * 2
-    assert all(tuple(p.tolist()) in ORDERINGS[1:] for p in d["permutation"][2:])
+    assert d["views"].shape == (4, 1, 64, 64, 64) and d["mask"].shape == (2, 1, 64, 64, 64)
+    mask1, mask2 = d["mask"].bool()
+    assert d["mask"][0].mean().item() == d["mask"][1].mean().item() == 0.5
+    assert not torch.equal(mask1, mask2)  # drawn independently
+    orderings = [tuple(p.tolist()) for p in d["permutation"]]
+    assert all(order in {(1, 0, 2), (2, 1, 0)} for order in orderings)  # the released code's non-identity orderings
+    for i, mask in enumerate((mask1, mask2)):
+        rotated = torch.rot90(crop, int(d["rotation"][i]), (2, 3))  # the Swin UNETR pre-training's rotation plane
+        assert torch.equal(d["target"][i], rotated)  # the target: the rotated view before masking
+        assert torch.equal(d["views"][i], rotated * ~mask)  # masked in its own frame
+        permuted = View(orderings[i]).invert(d["views"][2 + i])
+        assert torch.equal(permuted, d["views"][i])  # view 3 (4) is masked view 1 (2), permuted
+        assert torch.equal(permuted == 0, mask)  # so it keeps its source's mask
+
+    draws = []
+    for seed in range(40):
+        transform.set_random_state(seed)
+        d = transform({"image": crop})
+        draws.append((tuple(d["rotation"].tolist()), tuple(map(tuple, d["permutation"].tolist()))))
+    assert {r for rotations, _ in draws for r in rotations} == {0, 1, 2, 3}
+    assert any(r[0] != r[1] for r, _ in draws) and any(r[0] == r[1] for r, _ in draws)  # independent turns
+    assert any(p[0] == p[1] for _, p in draws) and any(p[0] != p[1] for _, p in draws)  # independent orderings
     with pytest.raises(ValueError, match="cubic"):
         transform({"image": torch.rand(1, 64, 64, 32)})
     with pytest.raises(ValueError, match="mask_ratio"):
@@ -92,39 +107,97 @@ def swinmm_batch(batch_size: int = 2, size: int = 32):
     return prepare_swinmm_batch(list_data_collate(samples))
 
 
-def predictions_from(volumes: torch.Tensor, target: dict) -> dict:
-    """Head outputs whose reconstructions are ``volumes`` ([V, B, C, ...], original frame) seen through each row's
-    view, so that mapping them back gives ``volumes``."""
-    views = [View(tuple(p.tolist()), int(k)) for p, k in zip(target["permutation"], target["rotation"], strict=True)]
-    rows = [view.apply(v) for view, v in zip(views, volumes.flatten(0, 1), strict=True)]
-    n = len(rows)
-    return {"reconstruction": torch.stack(rows), "rotation": torch.zeros(n, 4), "contrastive": torch.randn(n, 8)}
+def reference_pretraining_loss(pred: dict, batch: dict, norm_pix_loss: bool, ratio: float = 0.5) -> torch.Tensor:
+    """The released SwinMM ``Pretrain/main.py`` + ``losses/loss.py`` loss, written out on the sample-major batch of
+    :class:`SwinMMViewsd` outputs (``batch``) and head outputs for the view-major rows ``pred``."""
+    size = batch["views"].shape[0]
+    rows = lambda name, view: pred[name][view * size : (view + 1) * size]  # noqa: E731
+    imgs = batch["target"][:, :, 0]  # [B, 2, X, Y, Z]: views 1 and 2 on the channel axis, as the reference stacks them
+    mask = batch["mask"][:, :, 0]  # [B, 2, X, Y, Z]
+    if norm_pix_loss:
+        flat = imgs.flatten(2)
+        imgs = ((flat - flat.mean(-1, keepdim=True)) / (flat.var(-1, keepdim=True) + 1e-6) ** 0.5).reshape(imgs.shape)
+
+    def recon(output: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(output * mask, imgs * mask) / ratio
+
+    def back(view: int) -> torch.Tensor:  # permuted view 3 or 4, mapped back sample by sample
+        orders = batch["permutation"][:, view - 2].tolist()
+        return torch.cat(
+            [View(tuple(o)).invert(r[None]) for o, r in zip(orders, rows("reconstruction", view), strict=True)]
+        )
+
+    z1, z2 = (F.normalize(rows("contrastive", v), dim=1) for v in (0, 1))
+    z = torch.cat([z1, z2])
+    sim = F.cosine_similarity(z[:, None], z[None], dim=2)
+    positives = torch.cat([torch.diag(sim, size), torch.diag(sim, -size)])
+    denominator = ((~torch.eye(2 * size, dtype=bool)).float() * torch.exp(sim / 0.5)).sum(1)
+    contrastive = (-torch.log(torch.exp(positives / 0.5) / denominator)).sum() / (2 * size)
+    rotation = F.cross_entropy(torch.cat([rows("rotation", 0), rows("rotation", 1)]), batch["rotation"].T.flatten())
+    loss1 = rotation + contrastive + recon(torch.cat([rows("reconstruction", 0), rows("reconstruction", 1)], 1))
+    loss2 = recon(torch.cat([back(2), back(3)], 1))
+    m1 = mask[:, :1]
+    mutual = F.mse_loss(back(2) * m1, rows("reconstruction", 0) * m1) / ratio
+    return loss1 + loss2 + mutual
 
 
-def test_swinmm_loss_masked_reconstruction_and_mutual_term():
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_swinmm_loss_is_the_reference_loss(norm_pix_loss):
+    transform = SwinMMViewsd(mask_ratio=0.5, cell_size=8)
+    transform.set_random_state(0)
+    batch = list_data_collate([transform({"image": torch.rand(1, 32, 32, 32) * (i + 1)}) for i in range(3)])
+    _, target = prepare_swinmm_batch(batch)
+    torch.manual_seed(0)
+    pred = {
+        "reconstruction": torch.randn(12, 1, 32, 32, 32),
+        "rotation": torch.randn(12, 4),
+        "contrastive": torch.randn(12, 8),
+    }
+    loss = SwinMMLoss(norm_pix_loss=norm_pix_loss)
+    value = loss(pred, target)
+    expected = reference_pretraining_loss(pred, batch, norm_pix_loss)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(loss.terms) == {
+        "rotation",
+        "contrastive",
+        "reconstruction",
+        "permuted_reconstruction",
+        "mutual",
+        "rotation_accuracy",
+        "total",
+    }
+    # only views 1 and 2 feed the rotation and contrastive heads' losses
+    changed = {**pred, "rotation": pred["rotation"].clone(), "contrastive": pred["contrastive"].clone()}
+    changed["rotation"][6:] += 5.0
+    changed["contrastive"][6:] = torch.randn(6, 8)
+    assert loss(changed, target).item() == pytest.approx(value.item(), rel=1e-6)
+
+
+def test_swinmm_loss_norm_pix_target_and_mutual_term():
     inputs, target = swinmm_batch()
     assert inputs.shape == (8, 1, 32, 32, 32)  # four views of two samples, view-major
-    loss = SwinMMLoss()
-    crop, mask = target["reconstruction"], target["mask"]
+    crop, mask = target["reconstruction"], target["mask"]  # views 1 and 2 of both samples: [4, 1, ...]
+    normalised = (crop - crop.mean((2, 3, 4), keepdim=True)) / crop.flatten(2).var(-1)[..., None, None, None].add(
+        1e-6
+    ).sqrt()
 
-    perfect = loss.compute_terms(predictions_from(crop.expand(4, *crop.shape).clone(), target), target)
-    assert perfect["reconstruction"] == 0 and perfect["mutual"] == 0
+    def predictions(rotated: torch.Tensor, permuted_back: torch.Tensor) -> dict:
+        orders = [tuple(p.tolist()) for p in target["permutation"]]
+        rows = torch.cat(
+            [rotated, torch.cat([View(o).apply(r[None]) for o, r in zip(orders, permuted_back, strict=True)])]
+        )
+        return {"reconstruction": rows, "rotation": torch.zeros(8, 4), "contrastive": torch.randn(8, 8)}
 
-    same_everywhere = crop + 0.3 * (1 - mask)  # wrong only where nothing was masked: neither term sees it
-    terms = loss.compute_terms(predictions_from(same_everywhere.expand(4, *crop.shape).clone(), target), target)
-    assert terms["reconstruction"] == 0 and terms["mutual"] == 0
-
-    agreeing = crop + 0.2 * mask  # all views agree, all off by 0.2 on the masked voxels
-    terms = loss.compute_terms(predictions_from(agreeing.expand(4, *crop.shape).clone(), target), target)
-    assert terms["mutual"] == 0
-    assert terms["reconstruction"].item() == pytest.approx(0.04, rel=1e-5)  # MSE over masked voxels = 0.2²
-
-    volumes = crop.expand(4, *crop.shape).clone()
-    volumes[2] += 0.5 * mask  # view 3 disagrees on the masked region
-    terms = loss.compute_terms(predictions_from(volumes, target), target)
-    # 3 of the 6 view pairs include view 3, each with masked MSE 0.25
-    assert terms["mutual"].item() == pytest.approx(0.25 * 3 / 6, rel=1e-5)
-    assert terms["reconstruction"].item() == pytest.approx(0.25 / 4, rel=1e-5)
+    terms = SwinMMLoss().compute_terms(predictions(normalised, normalised), target)
+    assert terms["reconstruction"].item() == pytest.approx(0, abs=1e-8) and terms["mutual"].item() == 0
+    terms = SwinMMLoss(norm_pix_loss=False).compute_terms(predictions(crop, crop + 0.3 * (1 - mask)), target)
+    assert terms["permuted_reconstruction"].item() == 0 and terms["mutual"] == 0  # off the mask: not seen
+    off = crop.clone()
+    off[2:] += 0.5 * mask[2:]  # view 4 (of both samples) wrong on its mask: a reconstruction error, not mutual
+    off[:1] += 0.2 * mask[:1]  # view 3 of sample 1 off by 0.2 on mask 1: both terms see it
+    terms = SwinMMLoss(norm_pix_loss=False).compute_terms(predictions(crop, off), target)
+    assert terms["permuted_reconstruction"].item() == pytest.approx((0.25 * 2 + 0.04) / 4, rel=1e-5)
+    assert terms["mutual"].item() == pytest.approx(0.04 / 2, rel=1e-5)
 
 
 def test_swinmm_loss_trains_the_ssl_head_and_logs_every_term():
@@ -133,9 +206,9 @@ def test_swinmm_loss_trains_the_ssl_head_and_logs_every_term():
     loss = SwinMMLoss(mutual_weight=2.0)
     value = loss(network(inputs), target)
     value.backward()
-    assert set(loss.terms) == {"rotation", "contrastive", "reconstruction", "mutual", "rotation_accuracy", "total"}
-    expected = sum(w * loss.terms[k] for k, w in {**loss.weights}.items())
-    assert loss.terms["total"] == pytest.approx(expected, rel=1e-5) and loss.weights["mutual"] == 2.0
+    assert loss.weights["mutual"] == 2.0
+    expected = sum(w * loss.terms[k] for k, w in loss.weights.items())
+    assert loss.terms["total"] == pytest.approx(expected, rel=1e-5)
     assert network.swinViT.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
@@ -153,43 +226,107 @@ def test_weight_decay_skips_norms_biases_and_relative_position_tables():
     assert all(network.get_parameter(n).ndim == 1 for n in skipped if "relative_position" not in n)
 
 
-def test_cross_view_fusion_shapes_and_exchange():
+def reference_fusion(fusion: CrossViewFusion, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released ``TransFusion`` with one ``Block`` (``WORD/models/cross_attention.py``), on ``fusion``'s weights."""
+    attention, heads = fusion.attention, fusion.attention.num_heads
+
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return fusion.norm(fusion.embed(x).flatten(2).transpose(1, 2) + fusion.position)
+
+    def split(x: torch.Tensor) -> torch.Tensor:  # B, N, D -> B, heads, N, D / heads
+        return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    def attend(query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        q, k, v = split(attention.to_q(query)), split(attention.to_k(context)), split(attention.to_v(context))
+        scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+        return fusion.out_norm(attention.out_proj((scores @ v).transpose(1, 2).flatten(2)))  # no residual
+
+    ta, tb = tokens(a), tokens(b)
+    return tuple(attend(q, c).transpose(1, 2).reshape(a.shape) for q, c in ((ta, tb), (tb, ta)))
+
+
+def test_cross_view_fusion_is_the_reference_transfusion():
+    torch.manual_seed(0)
     fusion = CrossViewFusion(dim=48, num_tokens=8, num_heads=4)
+    nn.init.normal_(fusion.position)  # the reference starts it at zero, as here; a non-zero one is checked too
     a, b = torch.randn(2, 48, 2, 2, 2), torch.randn(2, 48, 2, 2, 2)
-    fused_a, fused_b = fusion(a, b)
-    assert fused_a.shape == a.shape and fused_b.shape == b.shape
-    other_a, _ = fusion(a, torch.randn_like(b))
-    assert not torch.allclose(fused_a, other_a)  # view a's output depends on view b
+    with torch.no_grad():
+        for got, expected in zip(fusion(a, b), reference_fusion(fusion, a, b), strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        other_a, _ = fusion(a, torch.randn_like(b))
+        assert not torch.allclose(fusion(a, b)[0], other_a)  # view a's output depends on view b
     with pytest.raises(ValueError, match="roi_size"):
         fusion(torch.randn(1, 48, 3, 3, 3), torch.randn(1, 48, 3, 3, 3))
 
 
-def test_cross_view_network_outputs_fusion_and_weight_loading(tmp_path, caplog):
+def test_cross_view_network_fuses_after_encoder10_with_a_residual_block_on_the_4th_hidden_state():
     torch.manual_seed(0)
     net = CrossViewSwinUNETR(roi_size=(64, 64, 64), in_channels=1, out_channels=3, feature_size=12)
+    assert isinstance(net.encoder5, UnetrBasicBlock) and net.encoder5.layer.conv3 is not None  # residual block
+    assert [v.permutation for v in net.orderings] == [(0, 1, 2), (1, 0, 2), (2, 1, 0)]
+    assert net.view_pairs == [(0, 1), (1, 2), (2, 0)]  # the released test script's view pairs
+    seen = {}
+
+    def keep(name: str):
+        return lambda module, args, output: seen.update({name: (args, output)})
+
+    for name in ("swinViT", "encoder5", "encoder10", "fusion", "decoder5"):
+        getattr(net, name).register_forward_hook(keep(name))
     x = torch.rand(1, 1, 64, 64, 64)
+    first, second = net.orderings[1], net.orderings[2]
     with torch.no_grad():
-        train_out = net(x)
-        net.eval()
-        fused = net(x)
-        assert train_out.shape == (1, 6, 64, 64, 64) and fused.shape == (1, 3, 64, 64, 64)
-        views = train_out.chunk(2, 1)
-        expected = torch.stack([v.softmax(1) for v in views]).mean(0)
-        torch.testing.assert_close(fused.softmax(1), expected)  # eval output: the mean of the two views' softmax
-        net.fusion.attention.out_proj.weight.zero_()
-        net.fusion.attention.out_proj.bias.zero_()
-        assert not torch.allclose(net(x), fused, atol=1e-4)  # the cross-attention changes the prediction
-    with pytest.raises(ValueError, match="roi_size"):
-        net(torch.rand(1, 1, 96, 96, 96))
-    with pytest.raises(ValueError, match="shape of the window"):
-        CrossViewSwinUNETR(
-            roi_size=(64, 64, 96), in_channels=1, out_channels=3, feature_size=12, second_view_permutation=(0, 2, 1)
-        )
+        outputs = net.forward_views(x, (1, 2))
+    hidden, enc4, bottleneck = seen["swinViT"][1], seen["encoder5"][1], seen["encoder10"][1]
+    assert torch.equal(seen["encoder5"][0][0], hidden[3])  # encoder5 on the 4th hidden state
+    assert torch.equal(seen["encoder10"][0][0], hidden[4])
+    fusion_in, (fused_a, fused_b) = seen["fusion"]
+    assert torch.equal(fusion_in[0], bottleneck[:1])  # fused after encoder10, in the first view's frame
+    assert torch.equal(fusion_in[1], first.apply(second.invert(bottleneck[1:])))
+    dec_in = seen["decoder5"][0]
+    assert torch.equal(dec_in[1], enc4)  # the decoder's skip is encoder5's output, not the raw hidden state
+    assert torch.equal(dec_in[0][:1], fused_a)  # the fused features replace the bottleneck: no residual add
+    assert torch.equal(dec_in[0][1:], second.apply(first.invert(fused_b)))
+    assert [o.shape for o in outputs] == [(1, 3, 64, 64, 64)] * 2
+    assert set(net.state_dict()) - set(SwinUNETR(in_channels=1, out_channels=3, feature_size=12).state_dict()) == {
+        k for k in net.state_dict() if k.startswith(("encoder5.", "fusion."))
+    }
+
+
+def test_cross_view_network_draws_two_distinct_random_views_per_training_step_and_fuses_all_pairs_in_eval():
+    net = CrossViewSwinUNETR(roi_size=(64, 64, 64), in_channels=1, out_channels=3, feature_size=12)
+    pairs = []
+
+    def fake_views(x: torch.Tensor, pair) -> list[torch.Tensor]:
+        pairs.append(tuple(pair))
+        return [torch.full((1, 3, 64, 64, 64), float(i)) for i in pair]
+
+    net.forward_views = fake_views
+    x = torch.rand(1, 1, 64, 64, 64)
+    torch.manual_seed(0)
+    for _ in range(60):
+        out = net(x)
+    assert out.shape == (1, 6, 64, 64, 64)
+    assert all(a != b for a, b in pairs)  # two distinct orderings every step
+    assert set(pairs) == {(a, b) for a in range(3) for b in range(3) if a != b}  # drawn at random, in either order
+    pairs.clear()
+    net.eval()
+    fused = net(x)
+    assert pairs == net.view_pairs and fused.shape == (1, 3, 64, 64, 64)
+    expected = torch.stack([torch.full((3,), float(i)).softmax(0) for pair in pairs for i in pair]).mean(0)
+    torch.testing.assert_close(fused[0, :, 0, 0, 0].softmax(0), expected)  # the mean of the six softmax outputs
     thin = CrossViewSwinUNETR(roi_size=(128, 128, 32), in_channels=2, out_channels=3, feature_size=12)
-    assert thin.view.permutation == (1, 0, 2)  # the default second view keeps a non-cubic window's shape
-    with pytest.raises(ValueError, match="no axis re-ordering"):
+    assert [v.permutation for v in thin.orderings] == [(0, 1, 2), (1, 0, 2)] and thin.view_pairs == [(0, 1), (1, 0)]
+    with pytest.raises(ValueError, match="cross-view fine-tuning needs two"):
         CrossViewSwinUNETR(roi_size=(64, 96, 128), in_channels=1, out_channels=3, feature_size=12)
 
+
+def test_cross_view_network_forward_and_pretrained_encoder(tmp_path, caplog):
+    torch.manual_seed(0)
+    net = CrossViewSwinUNETR(roi_size=(64, 64, 64), in_channels=1, out_channels=3, feature_size=12)
+    with torch.no_grad():
+        assert net(torch.rand(1, 1, 64, 64, 64)).shape == (1, 6, 64, 64, 64)  # training mode: both views' logits
+        with pytest.raises(ValueError, match="roi_size"):
+            net.forward_views(torch.rand(1, 1, 96, 96, 96), (0, 1))
     encoder = SSLHead(feature_size=12).swinViT.state_dict()
     torch.save({f"swinViT.{k}": v for k, v in encoder.items()}, tmp_path / "ssl.pt")
     fresh = CrossViewSwinUNETR(roi_size=(64, 64, 64), in_channels=1, out_channels=3, feature_size=12)
@@ -200,6 +337,27 @@ def test_cross_view_network_outputs_fusion_and_weight_loading(tmp_path, caplog):
         assert torch.equal(fresh.swinViT.state_dict()[key], value)
 
 
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # the reference's own KLDivLoss(reduction='mean')
+def test_cross_view_loss_is_the_reference_dice_ce_plus_mean_kl():
+    torch.manual_seed(0)
+    label = torch.randint(0, 14, (2, 1, 8, 8, 8))
+    a, b = torch.randn(2, 14, 8, 8, 8), torch.randn(2, 14, 8, 8, 8)
+    loss = CrossViewLoss()
+    value = loss(torch.cat([a, b], 1), label)
+    dice_ce, kl = DiceCELoss(to_onehot_y=True, softmax=True), torch.nn.KLDivLoss(reduction="mean")
+    outputs = [a, b]
+    expected = 0.0
+    for i, out in enumerate(outputs):  # the released WORD/trainer.py loop
+        mutual = sum(kl(F.log_softmax(out, 1), F.softmax(o, 1)) for j, o in enumerate(outputs) if j != i)
+        expected = expected + (dice_ce(out, label) + mutual / (len(outputs) - 1)) / len(outputs)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    reference_kl = (kl(F.log_softmax(a, 1), F.softmax(b, 1)) + kl(F.log_softmax(b, 1), F.softmax(a, 1))) / 2
+    assert loss.terms["consistency"] == pytest.approx(reference_kl.item(), rel=1e-5)
+    summed_over_classes = F.kl_div(F.log_softmax(a, 1), F.softmax(b, 1), reduction="none").sum(1).mean()
+    assert summed_over_classes.item() == pytest.approx(14 * kl(F.log_softmax(a, 1), F.softmax(b, 1)).item(), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
 @pytest.mark.parametrize("sigmoid", [False, True])
 def test_cross_view_loss_consistency(sigmoid):
     torch.manual_seed(0)
@@ -209,11 +367,50 @@ def test_cross_view_loss_consistency(sigmoid):
     same = loss(torch.cat([logits, logits], 1), label)
     assert loss.terms["consistency"] == pytest.approx(0.0, abs=1e-6)
     assert same.item() == pytest.approx(loss.terms["segmentation"], rel=1e-6)
-    different = loss(torch.cat([logits, torch.randn_like(logits)], 1), label)
-    assert loss.terms["consistency"] > 0.1
+    other = torch.randn_like(logits)
+    different = loss(torch.cat([logits, other], 1), label)
+    assert loss.terms["consistency"] > 0.01
     assert different.item() == pytest.approx(loss.terms["segmentation"] + 0.5 * loss.terms["consistency"], rel=1e-5)
+    if sigmoid:  # each channel's Bernoulli [p, 1 - p], averaged over every element like KLDivLoss(reduction='mean')
+        p, q = (torch.stack([x.sigmoid(), 1 - x.sigmoid()], -1) for x in (logits, other))
+        kl = torch.nn.KLDivLoss(reduction="mean")
+        expected = (kl(p.log(), q) + kl(q.log(), p)) / 2
+        assert loss.terms["consistency"] == pytest.approx(expected.item(), rel=1e-4)
     with pytest.raises(ValueError, match="2 views"):
         loss(torch.randn(2, 3, 8, 8, 8), label)
+
+
+class FakeCrossView(CrossViewSwinUNETR):
+    """A cross-view network whose views are cheap and view-dependent: a 3×3×3 convolution (not invariant to axis
+    orderings) of each view's input, mapped back, shifted by the pair's first index (so pairs differ too)."""
+
+    def __init__(self) -> None:
+        super().__init__(roi_size=(32, 32, 32), in_channels=1, out_channels=4, feature_size=12)
+        self.local = nn.Conv3d(1, 4, 3, padding=1)
+
+    def forward_views(self, x: torch.Tensor, pair) -> list[torch.Tensor]:
+        views = [self.orderings[i] for i in pair]
+        return [view.invert(self.local(view.apply(x))) * 3 + 0.5 * pair[0] for view in views]
+
+
+def test_multi_view_inference_of_a_cross_view_network_is_the_reference_procedure():
+    torch.manual_seed(0)
+    volume = torch.rand(1, 1, 40, 36, 30)
+    common = {"roi_size": (32, 32, 32), "sw_batch_size": 2, "overlap": 0.7, "mode": "gaussian"}
+    network = FakeCrossView().eval()
+    with torch.no_grad():
+        fused = MultiViewSlidingWindowInferer(**common)(volume, network)
+        # the released test.py: for each view pair, a two-view sliding window (Gaussian blending of each view's
+        # logits), then softmax of each of the two stitched outputs, all six summed
+        total = 0
+        for pair in [(0, 1), (1, 2), (2, 0)]:
+            for k in range(2):
+                stitched = SlidingWindowInferer(**common)(volume, lambda w, k=k, p=pair: network.forward_views(w, p)[k])
+                total = total + stitched.softmax(1)
+        torch.testing.assert_close(fused.softmax(1), total / 6, atol=1e-5, rtol=1e-5)
+        assert torch.equal(fused.argmax(1), total.argmax(1))
+    with pytest.raises(ValueError, match="num_views 1"):
+        MultiViewSlidingWindowInferer(num_views=2, **common)(volume, network)
 
 
 class Pointwise(nn.Module):
@@ -310,7 +507,7 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     assert (models / "model.pt").is_file() and (models / "latest.pt").is_file()
     assert any(k.startswith("fusion.") for k in torch.load(models / "model.pt", weights_only=True))
 
-    run_workflow(configs("train", "evaluate", "swinmm"), workflow_type="infer", **common, num_views=2)
+    run_workflow(configs("train", "evaluate", "swinmm"), workflow_type="infer", **common)
     report = json.loads((tmp_path / "seg" / "eval" / "metrics.json").read_text())
     assert len(report["per_case"]) == 2
     inference = run_workflow(
@@ -318,9 +515,10 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
         workflow_type="infer",
         **common,
         input=str(synthetic_dataset / "imagesTs"),
-        num_views=3,
     )
-    assert len(inference.parser.get_parsed_content("inferer").views) == 3
+    parser = inference.parser
+    assert isinstance(parser.get_parsed_content("inferer"), MultiViewSlidingWindowInferer)
+    assert parser.get_parsed_content("network").view_pairs == [(0, 1), (1, 2), (2, 0)]
     out = nib.load(tmp_path / "seg" / "eval" / "test0_seg.nii.gz")
     assert out.shape == nib.load(synthetic_dataset / "imagesTs" / "test0.nii.gz").shape
     assert set(np.unique(np.asarray(out.dataobj))) <= set(range(14))
@@ -347,6 +545,21 @@ def test_msd_cross_view_variant_builds_for_sigmoid_and_softmax_tasks():
             workflow_type="infer",
             bundle_root=str(msd),
             task=task,
-            num_views=3,
         )
-        assert len(inference.parser.get_parsed_content("inferer").views) == 3
+        assert inference.parser["inferer"]["mode"] == "gaussian"
+        assert isinstance(inference.parser.get_parsed_content("inferer"), MultiViewSlidingWindowInferer)
+
+
+def test_swinmm_defaults_follow_the_reference_runs():
+    """The released run scripts' settings, as the bundles' SwinMM configs parse them (nothing is run)."""
+    ssl = ConfigWorkflow(config_file=configs("train", "swinmm", bundle=SSL_BUNDLE), workflow_type="train").parser
+    # Pretrain/run.sh: --batch_size 2 (volumes; 2 crops each), --lr 5e-4 scaled by batch / 2, --norm_pix_loss, no clip
+    assert (ssl.get_parsed_content("batch_size"), ssl.get_parsed_content("num_samples")) == (2, 2)
+    assert ssl.get_parsed_content("learning_rate") == pytest.approx(5e-4)
+    assert ssl.get_parsed_content("grad_clip") == 0.0 and ssl.get_parsed_content("num_steps") == 30000
+    loss = ssl.get_parsed_content("loss")
+    assert loss.norm_pix_loss and loss.weights["permuted_reconstruction"] == loss.weights["reconstruction"] == 1.0
+    btcv = ConfigWorkflow(config_file=configs("train", "swinmm"), workflow_type="train").parser
+    assert btcv.get_parsed_content("roi_size") == [64, 64, 64]  # WORD/main.py's window
+    dice_ce = btcv.get_parsed_content("loss").dice_ce  # WORD/main.py's default: plain DiceCE
+    assert not dice_ce.dice.squared_pred and dice_ce.dice.smooth_nr == 1e-5 and dice_ce.lambda_dice == 1.0
