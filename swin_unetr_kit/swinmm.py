@@ -29,7 +29,7 @@ from monai.losses import DiceCELoss
 from monai.networks.blocks import CrossAttentionBlock, UnetrBasicBlock
 from monai.networks.nets import SwinUNETR
 from monai.transforms import MapTransform, Randomizable
-from monai.utils import ensure_tuple_rep
+from monai.utils import convert_to_tensor, ensure_tuple_rep
 from torch import nn
 
 from swin_unetr_kit.ssl import SSLLoss, gather_rows
@@ -146,7 +146,7 @@ class SwinMMViewsd(Randomizable, MapTransform):
         d = dict(data)
         self.randomize()
         for key in self.key_iterator(d):
-            crop = torch.as_tensor(d[key]).float()
+            crop = convert_to_tensor(d[key], dtype=torch.float32, track_meta=False)
             spatial = crop.shape[1:]
             if len(set(spatial)) != 1:
                 raise ValueError(f"SwinMM views need a cubic crop (axis orderings), got {tuple(spatial)}")
