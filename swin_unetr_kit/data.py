@@ -44,6 +44,7 @@ FOLDER_LAYOUTS = (
 )
 # affines of an image and its label may differ by float rounding, not by geometry (mm / direction cosines)
 AFFINE_TOLERANCE = 1e-3
+_WARNED: set[str] = set()  # domain warnings already logged by this process
 
 
 class DataError(ValueError):
@@ -199,8 +200,12 @@ def load_datalist(
         raise DataError(
             f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})"
         )
-    if check:
-        check_cases(cases, in_channels=in_channels, num_classes=num_classes, domain=domain, strict_domain=strict_domain)
+    if check:  # every labelled case at once, so that one error lists all the bad ones (the second split: cached)
+        labelled = lists.get("training", []) + lists.get("validation", [])
+        checked = labelled if split in ("training", "validation") else cases
+        check_cases(
+            checked, in_channels=in_channels, num_classes=num_classes, domain=domain, strict_domain=strict_domain
+        )
     logger.info("%s: %d '%s' cases", source, len(cases), split)
     return cases
 
@@ -432,7 +437,9 @@ def check_cases(
         errors += unusual
     else:
         for line in unusual:
-            logger.warning("%s (the run goes on; --strict_domain true makes this an error)", line)
+            if line not in _WARNED:  # once per process: training checks its data set for each split
+                _WARNED.add(line)
+                logger.warning("%s (the run goes on; --strict_domain true makes this an error)", line)
     if len(errors) == 1:
         raise DataError(errors[0])
     if errors:
@@ -523,8 +530,10 @@ def load_unlabeled(
     cases = split_cases([{"image": image} for image in images], val_fraction, seed).get(split, [])
     if not cases:
         raise DataError(f"{', '.join(map(str, sources))}: no images for the '{split}' split ({len(images)} found)")
-    if check:
-        check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
+    if check:  # every image at once, so that one error lists all the bad ones (the second split: cached)
+        check_cases(
+            [{"image": image} for image in images], in_channels=in_channels, domain=domain, strict_domain=strict_domain
+        )
     logger.info("%d '%s' images from %d sources", len(cases), split, len(sources))
     return cases
 

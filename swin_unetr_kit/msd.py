@@ -219,9 +219,9 @@ def load_task_datalist(
         cases = lists.get(split, [])
     if not cases:
         raise DataError(f"{datalist_file or dataset_dir}: the '{split}' list of {settings['task']} is empty")
-    if check:
+    if check:  # every case of the data set at once, so that one error lists all the bad ones (the second split: cached)
         check_cases(
-            cases,
+            labelled if split in ("training", "validation") else cases,
             in_channels=settings["in_channels"],
             num_classes=settings["num_labels"],
             domain=settings.get("domain"),
