@@ -279,21 +279,20 @@ def _write_cache(entries: dict) -> None:
         logger.debug("volume scan cache not written (%s)", exc)
 
 
-def _read_voxels(path: str) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """Every voxel of an image (channels last for NIfTI, first otherwise) and its affine; NIfTI without applying the
-    scaling (returned, for the caller to apply to min and max), so that an int16 CT stays int16 in memory."""
+def _read_voxels(path: str) -> tuple[np.ndarray, float, float]:
+    """Every voxel of an image, with its intensity scaling (slope, intercept) returned for the caller to apply to
+    min and max rather than applied, so that an int16 CT stays int16 in memory."""
     if path.endswith((".nii", ".nii.gz")):
         img = nib.load(path)
         voxels = np.asanyarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else img.get_fdata()
         slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
-        return voxels, np.asarray(img.affine), float(slope), float(inter)
-    data = LoadImage(image_only=True)(path)
-    return np.asarray(data), np.asarray(data.affine), 1.0, 0.0
+        return voxels, float(slope), float(inter)
+    return np.asarray(LoadImage(image_only=True)(path)), 1.0, 0.0
 
 
 def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> dict:
-    """Read every voxel of ``path`` once and return what the checks need: ``min``, ``max``, ``finite`` (no NaN/Inf),
-    ``spacing`` (mm per voxel axis) and, with ``values``, the sorted distinct values (for label maps).
+    """Read every voxel of ``path`` once and return what the checks need: ``min``, ``max`` (of the finite voxels),
+    ``finite`` (no NaN/Inf) and, with ``values``, the sorted distinct values (for label maps).
 
     Results are cached by path, size and modification time, so a second check of an unchanged data set is instant:
     in ``cache`` when given (the caller writes it back with :func:`_write_cache`), else in the cache file directly.
@@ -306,7 +305,7 @@ def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> d
     if cached is not None:
         return cached
     try:
-        voxels, affine, slope, inter = _read_voxels(path)
+        voxels, slope, inter = _read_voxels(path)
     except Exception as exc:
         problem = f"{type(exc).__name__}: {exc}"
         raise DataError(f"{path}: cannot be read to the end, truncated or corrupt ({problem})") from exc
@@ -315,12 +314,7 @@ def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> d
     usable = voxels if finite else voxels[finite_voxels]
     low, high = (float(usable.min()), float(usable.max())) if usable.size else (float("nan"), float("nan"))
     low, high = sorted((low * slope + inter, high * slope + inter))
-    stats = {
-        "min": low,
-        "max": high,
-        "finite": finite,
-        "spacing": np.sqrt((affine[:3, :3] ** 2).sum(0)).round(4).tolist(),
-    }
+    stats = {"min": low, "max": high, "finite": finite}
     if values:
         distinct = np.unique(usable)
         stats["values"] = (distinct if (slope, inter) == (1.0, 0.0) else distinct * slope + inter).tolist()[:1000]
