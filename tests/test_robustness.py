@@ -410,9 +410,7 @@ def test_a_whole_brain_through_hippocampus_is_a_warning_or_with_strict_domain_an
     brain = tmp_path / "brain.nii.gz"
     voxels = np.random.default_rng(0).uniform(0, 500, (90, 110, 90)).astype(np.float32)
     nib.save(nib.Nifti1Image(voxels, np.diag([2.0, 2.0, 2.0, 1.0])), brain)
-    expected = (
-        f"{brain}: unusual for this bundle: extent 180 x 220 x 180 mm, expected about 20-90 x 20-90 x 20-90 mm"
-    )
+    expected = f"{brain}: unusual for this bundle: extent 180 x 220 x 180 mm, expected about 20-90 x 20-90 x 20-90 mm"
     with caplog.at_level("WARNING", logger="swin_unetr_kit.data"):
         check_cases([{"image": str(brain)}], domain=settings["domain"])
     assert expected in caplog.text and "the run goes on; --strict_domain true makes this an error" in caplog.text
