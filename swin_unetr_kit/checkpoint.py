@@ -5,14 +5,20 @@ leaves a truncated ``model.pt`` behind. :class:`AtomicCheckpointSaver` writes ea
 over the target, which is atomic on POSIX file systems, and can keep the interval checkpoint under one fixed name
 (``latest.pt``). :class:`ResumeCheckpointLoader` loads that file when it exists and does nothing otherwise, so one
 training config serves both the first run and every resumed one.
+
+A run is the folder its checkpoints live in. :class:`ResumeCheckpointLoader` keeps the settings that define the run
+(data, split, seed, network) in ``run_settings.json`` beside them, and resumes only a run whose settings equal the new
+command's; it also removes the partial files (``.tmp_*.pt``) a process killed while saving left in that folder.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
@@ -20,12 +26,68 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 
 logger = logging.getLogger(__name__)
 
+TMP_PREFIX, TMP_SUFFIX = ".tmp_", ".pt"  # the partial files atomic_torch_save writes before renaming them
+RUN_SETTINGS_FILE = "run_settings.json"
+
+
+class RunSettingsError(RuntimeError):
+    """A checkpoint to resume whose run was started with other settings than the new command's."""
+
+
+def _is_rank0() -> bool:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return not (distributed and torch.distributed.get_rank())
+
+
+def remove_partial_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """Delete the partial checkpoint files (``.tmp_*.pt``, this module's own naming) directly inside ``folder``, left
+    by a process killed while saving; log and return them. Nothing else is touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = sorted(p for p in folder.glob(f"{TMP_PREFIX}*{TMP_SUFFIX}") if p.is_file())
+    for path in removed:
+        path.unlink(missing_ok=True)
+        logger.warning("removed %s, a partial checkpoint left by an interrupted save", path)
+    return removed
+
+
+def _comparable(settings: Mapping) -> dict:
+    """``settings`` as they read back from JSON (tuples as lists, paths and dtypes as strings)."""
+    return json.loads(json.dumps(dict(settings), default=str))
+
+
+def write_run_settings(folder: str | os.PathLike, settings: Mapping) -> Path:
+    """Record ``settings`` in ``folder/run_settings.json`` (atomically: written beside it, then renamed)."""
+    path = Path(folder) / RUN_SETTINGS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{RUN_SETTINGS_FILE}")
+    tmp.write_text(json.dumps(_comparable(settings), indent=4) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_settings(folder: str | os.PathLike) -> dict | None:
+    """The settings recorded in ``folder/run_settings.json``, or None where there is no readable record."""
+    path = Path(folder) / RUN_SETTINGS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def changed_settings(saved: Mapping, current: Mapping) -> dict[str, tuple]:
+    """``{name: (saved value, current value)}`` for every setting that differs between two records."""
+    saved, current = _comparable(saved), _comparable(current)
+    names = sorted(set(saved) | set(current))
+    return {k: (saved.get(k), current.get(k)) for k in names if saved.get(k) != current.get(k)}
+
 
 def atomic_torch_save(obj: object, path: str) -> None:
     """``torch.save`` to a temporary file in the target's folder, then rename it over ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -84,7 +146,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename)
 
     def attach(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        if not _is_rank0():
             return
         super().attach(engine)
 
@@ -97,24 +159,70 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 
 class ResumeCheckpointLoader(CheckpointLoader):
-    """Load a resumable checkpoint (network, optimizer, scheduler, trainer state) when ``load_path`` exists.
+    """Load a resumable checkpoint (network, optimizer, scheduler, trainer state) when ``load_path`` exists, and only
+    when it belongs to the same run.
 
-    With ``enabled`` false, or when there is no file yet, training starts afresh; either way the log says which.
+    Args:
+        load_path: the interval checkpoint; its folder is the run's folder.
+        load_dict: the objects to restore.
+        enabled: False starts afresh whatever is in the folder.
+        settings: what defines the run (data, split, seeds, network): recorded in ``run_settings.json`` in the run's
+            folder at every start, and compared with the record before resuming.
+        resume_despite_changes: resume although the recorded settings differ from ``settings`` (logged).
+        kwargs: as ``CheckpointLoader``.
+
+    At every start it removes partial checkpoint files left in the folder by a killed save. With ``enabled`` false, or
+    when there is no file yet, training starts afresh; either way the log says which.
+
+    Raises:
+        RunSettingsError: (at ``attach``) the checkpoint's run was started with other settings.
     """
 
-    def __init__(self, load_path: str, load_dict: dict, enabled: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        load_path: str,
+        load_dict: dict,
+        enabled: bool = True,
+        settings: Mapping | None = None,
+        resume_despite_changes: bool = False,
+        **kwargs,
+    ) -> None:
         super().__init__(load_path=load_path, load_dict=load_dict, **kwargs)
         self.enabled = enabled
+        self.settings = settings
+        self.resume_despite_changes = resume_despite_changes
 
     def attach(self, engine: Engine) -> None:
+        folder = os.path.dirname(os.path.abspath(self.load_path))
+        if _is_rank0():
+            remove_partial_checkpoints(folder)
         if not self.enabled:
-            logger.info("resume disabled: training starts afresh")
-            return
-        if not os.path.isfile(self.load_path):
+            logger.info("resume disabled: training starts afresh in %s", folder)
+        elif not os.path.isfile(self.load_path):
             logger.info("no checkpoint at %s: training starts afresh", self.load_path)
+        else:
+            self._check_same_run(folder)
+            super().attach(engine)
+            engine.add_event_handler(Events.STARTED, self._report)
+        if self.settings is not None and _is_rank0():
+            write_run_settings(folder, self.settings)
+
+    def _check_same_run(self, folder: str) -> None:
+        saved = read_run_settings(folder)
+        if self.settings is None or saved is None:
             return
-        super().attach(engine)
-        engine.add_event_handler(Events.STARTED, self._report)
+        changes = changed_settings(saved, self.settings)
+        if not changes:
+            return
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        if self.resume_despite_changes:
+            logger.warning("resuming %s although its settings changed (%s)", self.load_path, listed)
+            return
+        raise RunSettingsError(
+            f"{self.load_path}: this run was started with other settings ({listed}); pass --resume false to start "
+            "afresh in this folder (its checkpoints are replaced), --resume_despite_changes true to continue it, or "
+            "change the output folder (--bundle_root)"
+        )
 
     def _report(self, engine: Engine) -> None:
         logger.info(

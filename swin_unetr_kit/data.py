@@ -11,6 +11,10 @@ Layouts read by :func:`load_datalist` (first match wins):
    (and ``RawData/Testing/img``).
 
 Lists without a ``validation`` part get a seeded split of ``training`` (:func:`split_cases`).
+
+:func:`check_cases` reads every voxel of every file once (:func:`scan_volume`, cached by file size and modification
+time) and reports all unusable cases in one error; it also compares each image with the bundle's expected domain
+(physical extent, spacing, intensities) and warns about what is unusual.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import random
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +44,7 @@ FOLDER_LAYOUTS = (
 )
 # affines of an image and its label may differ by float rounding, not by geometry (mm / direction cosines)
 AFFINE_TOLERANCE = 1e-3
+_WARNED: set[str] = set()  # domain warnings already logged by this process
 
 
 class DataError(ValueError):
@@ -183,8 +189,10 @@ def load_datalist(
     in_channels: int = 1,
     num_classes: int | None = None,
     check: bool = True,
+    domain: Mapping | None = None,
+    strict_domain: bool = False,
 ) -> list[dict]:
-    """The cases of one ``split`` of a data set, each file checked by :func:`check_case` when ``check`` is set."""
+    """The cases of one ``split`` of a data set, checked by :func:`check_cases` when ``check`` is set."""
     lists = build_datalist(dataset_dir, datalist_file, val_fraction, seed)
     cases = lists.get(split, [])
     source = datalist_file or dataset_dir
@@ -192,9 +200,12 @@ def load_datalist(
         raise DataError(
             f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})"
         )
-    if check:
-        for case in cases:
-            check_case(case, in_channels=in_channels, num_classes=num_classes)
+    if check:  # every labelled case at once, so that one error lists all the bad ones (the second split: cached)
+        labelled = lists.get("training", []) + lists.get("validation", [])
+        checked = labelled if split in ("training", "validation") else cases
+        check_cases(
+            checked, in_channels=in_channels, num_classes=num_classes, domain=domain, strict_domain=strict_domain
+        )
     logger.info("%s: %d '%s' cases", source, len(cases), split)
     return cases
 
@@ -232,15 +243,93 @@ def _ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...], n
     return tuple(ras_shape), affine @ nib.orientations.inv_ornt_aff(transform, shape)
 
 
-def _label_values(path: str) -> np.ndarray:
+def scan_cache_file() -> Path:
+    """Where :func:`scan_volume` keeps what it read: ``$SWIN_UNETR_CACHE`` or ``~/.cache/swin_unetr_bundles``."""
+    root = Path(os.environ.get("SWIN_UNETR_CACHE", Path.home() / ".cache" / "swin_unetr_bundles"))
+    return root / "volume_scans.json"
+
+
+def _file_signature(path: str) -> str:
+    """Path, size and modification time of a file, or of every file in a DICOM series folder: a change to any of
+    them makes a new cache entry."""
+    target = Path(path).resolve()
+    files = sorted(p for p in target.iterdir() if p.is_file()) if target.is_dir() else [target]
+    stats = [p.stat() for p in files]
+    return f"{target}|{sum(st.st_size for st in stats)}|{max((st.st_mtime_ns for st in stats), default=0)}"
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(scan_cache_file().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_cache(entries: dict) -> None:
+    """Merge ``entries`` into the cache file (written beside it, then renamed: readers never see half a file)."""
+    path = scan_cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**_read_cache(), **entries}
+        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f)
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home: the check still works, only without its cache
+        logger.debug("volume scan cache not written (%s)", exc)
+
+
+def _read_voxels(path: str) -> tuple[np.ndarray, float, float]:
+    """Every voxel of an image, with its intensity scaling (slope, intercept) returned for the caller to apply to
+    min and max rather than applied, so that an int16 CT stays int16 in memory."""
     if path.endswith((".nii", ".nii.gz")):
-        return np.unique(np.asanyarray(nib.load(path).dataobj))
-    return np.unique(np.asarray(LoadImage(image_only=True)(path)))
+        img = nib.load(path)
+        voxels = np.asanyarray(img.dataobj.get_unscaled()) if hasattr(img.dataobj, "get_unscaled") else img.get_fdata()
+        slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+        return voxels, float(slope), float(inter)
+    return np.asarray(LoadImage(image_only=True)(path)), 1.0, 0.0
 
 
-def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None) -> None:
-    """Check that a case's files exist and can be read, that the image has ``in_channels`` channels and that the label
-    has the image's geometry and values in ``0 .. num_classes - 1``.
+def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> dict:
+    """Read every voxel of ``path`` once and return what the checks need: ``min``, ``max`` (of the finite voxels),
+    ``finite`` (no NaN/Inf) and, with ``values``, the sorted distinct values (for label maps).
+
+    Results are cached by path, size and modification time, so a second check of an unchanged data set is instant:
+    in ``cache`` when given (the caller writes it back with :func:`_write_cache`), else in the cache file directly.
+
+    Raises:
+        DataError: the file is truncated or cannot be decoded.
+    """
+    key = _file_signature(path) + ("|values" if values else "")
+    cached = (_read_cache() if cache is None else cache).get(key)
+    if cached is not None:
+        return cached
+    try:
+        voxels, slope, inter = _read_voxels(path)
+    except Exception as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+        raise DataError(f"{path}: cannot be read to the end, truncated or corrupt ({problem})") from exc
+    finite_voxels = np.isfinite(voxels) if np.issubdtype(voxels.dtype, np.floating) else None
+    finite = finite_voxels is None or bool(finite_voxels.all())
+    usable = voxels if finite else voxels[finite_voxels]
+    low, high = (float(usable.min()), float(usable.max())) if usable.size else (float("nan"), float("nan"))
+    low, high = sorted((low * slope + inter, high * slope + inter))
+    stats = {"min": low, "max": high, "finite": finite}
+    if values:
+        distinct = np.unique(usable)
+        stats["values"] = (distinct if (slope, inter) == (1.0, 0.0) else distinct * slope + inter).tolist()[:1000]
+    if cache is None:
+        _write_cache({key: stats})
+    else:
+        cache[key] = stats
+    return stats
+
+
+def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None, cache: dict | None = None) -> dict:
+    """Check that a case's files exist and can be read to the last voxel, that the image has ``in_channels`` channels,
+    holds no NaN/Inf and is not constant, and that the label has the image's geometry and values in
+    ``0 .. num_classes - 1``. Returns the image's :func:`scan_volume` statistics, with its ``shape`` and ``spacing``
+    in patient axis order (x, y, z).
 
     Raises:
         DataError: naming the file and the problem.
@@ -249,9 +338,17 @@ def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None)
     shape, affine, channels = _header(image)
     if channels != in_channels:
         raise DataError(f"{image}: has {channels} channels, the network expects {in_channels}")
+    stats = scan_volume(image, cache=cache)
+    if not stats["finite"]:
+        raise DataError(f"{image}: contains NaN or infinite values")
+    if stats["min"] == stats["max"]:
+        raise DataError(f"{image}: every voxel is {stats['min']:g} (a constant image, nothing to segment)")
+    ras_shape, ras_affine = _ras(shape, affine)  # extent and spacing per patient axis (x, y, z) for the domain check
+    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(0)).round(4).tolist()
+    stats = {**stats, "shape": list(ras_shape), "spacing": spacing}
     label = case.get("label")
     if label is None:
-        return
+        return stats
     label_shape, label_affine, label_channels = _header(label)
     if label_channels != 1:
         raise DataError(f"{label}: a label map must have one channel, found {label_channels}")
@@ -263,27 +360,104 @@ def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None)
             f"{label}: label geometry (origin, spacing or direction) differs from the image's ({image}); "
             "resample the label onto the image"
         )
+    label_stats = scan_volume(label, values=True, cache=cache)
+    if not label_stats["finite"]:
+        raise DataError(f"{label}: contains NaN or infinite values")
     if num_classes is not None:
-        values = _label_values(label)
+        values = np.asarray(label_stats["values"])
         bad = values[(values < 0) | (values >= num_classes) | (values != np.round(values))]
         if bad.size:
             raise DataError(
                 f"{label}: label values {bad[:10].tolist()} outside the {num_classes} classes 0..{num_classes - 1}"
             )
+    return stats
 
 
-def inference_inputs(inputs: str | os.PathLike | Sequence[str], in_channels: int = 1) -> list[dict]:
-    """Cases to predict from a file, a DICOM series folder, a folder of both, a datalist json or a list of paths.
+def domain_problems(stats: Mapping, domain: Mapping) -> list[str]:
+    """What is unusual about an image (its :func:`check_case` statistics) for a bundle's ``domain``, each problem
+    with what the bundle expects. ``domain`` keys, all optional: ``extent_mm`` ([low, high] per axis, physical size of
+    the volume), ``spacing_mm`` ([low, high] for every axis), ``intensity`` (``"CT"``: Hounsfield units with air and
+    soft tissue; ``"MRI"``: non-negative magnitudes)."""
+    problems = []
+    spacing = np.asarray(stats["spacing"][:3], dtype=float)
+    extent = spacing * np.asarray(stats["shape"][:3], dtype=float)
+    if "extent_mm" in domain:
+        expected = np.asarray(domain["extent_mm"], dtype=float)
+        if ((extent < expected[:, 0]) | (extent > expected[:, 1])).any():
+            shown = " x ".join(f"{lo:g}-{hi:g}" for lo, hi in expected)
+            problems.append(f"extent {' x '.join(f'{e:.0f}' for e in extent)} mm, expected about {shown} mm")
+    if "spacing_mm" in domain:
+        low, high = domain["spacing_mm"]
+        if (spacing < low).any() or (spacing > high).any():
+            problems.append(f"spacing {' x '.join(f'{s:g}' for s in spacing)} mm, expected {low:g}-{high:g} mm")
+    modality = domain.get("intensity")
+    if modality == "CT" and (stats["min"] > -500 or stats["max"] < 100):
+        problems.append(
+            f"values {stats['min']:g}..{stats['max']:g}, expected CT in Hounsfield units (air near -1000, "
+            "tissue above 0)"
+        )
+    if modality == "MRI" and stats["min"] < -1:
+        problems.append(f"values {stats['min']:g}..{stats['max']:g}, expected non-negative MRI magnitudes")
+    return problems
+
+
+def check_cases(
+    cases: Sequence[dict],
+    in_channels: int = 1,
+    num_classes: int | None = None,
+    domain: Mapping | None = None,
+    strict_domain: bool = False,
+) -> None:
+    """:func:`check_case` on every case, then all the unusable ones in one error; images outside ``domain`` (see
+    :func:`domain_problems`) are a warning each, or part of the error with ``strict_domain``.
 
     Raises:
-        DataError: nothing to predict, or an input that cannot be read or has the wrong channel count.
+        DataError: every unusable case (and, with ``strict_domain``, every case outside the domain), one per line.
+    """
+    errors, unusual, cache = [], [], _read_cache()
+    scanned = len(cache)
+    for case in cases:
+        try:
+            stats = check_case(case, in_channels=in_channels, num_classes=num_classes, cache=cache)
+        except DataError as exc:
+            errors.append(str(exc))
+            continue
+        problems = domain_problems(stats, domain) if domain else []
+        if problems:
+            unusual.append(f"{case['image']}: unusual for this bundle: {'; '.join(problems)}")
+    if len(cache) > scanned:
+        _write_cache(cache)
+    if strict_domain:
+        errors += unusual
+    else:
+        for line in unusual:
+            if line not in _WARNED:  # once per process: training checks its data set for each split
+                _WARNED.add(line)
+                logger.warning("%s (the run goes on; --strict_domain true makes this an error)", line)
+    if len(errors) == 1:
+        raise DataError(errors[0])
+    if errors:
+        raise DataError(f"{len(errors)} of {len(cases)} cases cannot be used:\n" + "\n".join(errors))
+
+
+def inference_inputs(
+    inputs: str | os.PathLike | Sequence[str],
+    in_channels: int = 1,
+    domain: Mapping | None = None,
+    strict_domain: bool = False,
+) -> list[dict]:
+    """Cases to predict from a file, a DICOM series folder, a folder of both, a datalist json or a list of paths,
+    every one checked by :func:`check_cases` before anything is predicted or written.
+
+    Raises:
+        DataError: nothing to predict, or inputs that cannot be read, hold NaN/Inf, are constant or have the wrong
+            channel count (all of them in one message).
     """
     paths = _input_paths(Path(inputs)) if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
     if not paths:
         raise DataError(f"{inputs}: no images or DICOM series to predict")
     cases = [{"image": p} for p in paths]
-    for case in cases:
-        check_case(case, in_channels=in_channels)
+    check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
     return cases
 
 
@@ -341,6 +515,8 @@ def load_unlabeled(
     seed: int = 0,
     in_channels: int = 1,
     check: bool = True,
+    domain: Mapping | None = None,
+    strict_domain: bool = False,
 ) -> list[dict]:
     """One split of the unlabelled images of one or many ``sources`` (see :func:`find_images`), seeded and checked."""
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
@@ -348,9 +524,10 @@ def load_unlabeled(
     cases = split_cases([{"image": image} for image in images], val_fraction, seed).get(split, [])
     if not cases:
         raise DataError(f"{', '.join(map(str, sources))}: no images for the '{split}' split ({len(images)} found)")
-    if check:
-        for case in cases:
-            check_case(case, in_channels=in_channels)
+    if check:  # every image at once, so that one error lists all the bad ones (the second split: cached)
+        check_cases(
+            [{"image": image} for image in images], in_channels=in_channels, domain=domain, strict_domain=strict_domain
+        )
     logger.info("%d '%s' images from %d sources", len(cases), split, len(sources))
     return cases
 

@@ -18,7 +18,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
 from monai.utils import convert_to_dst_type
 
-from swin_unetr_kit.data import DataError, build_datalist, check_case, seeded_order
+from swin_unetr_kit.data import DataError, build_datalist, check_cases, seeded_order
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def task_settings(task: str, tasks_file: str | os.PathLike) -> dict:
     if sorted(int(k) for k in labels) != list(range(len(labels))):
         raise ValueError(f"{tasks_file}: {task} labels must be numbered 0..{len(labels) - 1}, found {list(labels)}")
     regions = settings.get("regions")
+    settings["domain"] = {**settings.get("domain", {}), "intensity": settings["modality"]}
     settings["num_labels"] = len(labels)
     settings["sigmoid"] = bool(regions)
     settings["out_channels"] = len(regions) if regions else len(labels)
@@ -113,9 +114,10 @@ def task_metadata(task: str, bundle_root: str | os.PathLike) -> dict:
 def save_task_metadata(task: str, bundle_root: str | os.PathLike, folder: str | os.PathLike) -> Path:
     """Write ``task``'s metadata to ``folder/metadata.json``, beside the model trained for it, so that the label names
     and channels travel with the weights."""
+    metadata = task_metadata(task, bundle_root)  # first, so that an unknown task leaves no folder behind
     path = Path(folder) / "metadata.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(task_metadata(task, bundle_root), indent=4) + "\n")
+    path.write_text(json.dumps(metadata, indent=4) + "\n")
     return path
 
 
@@ -159,6 +161,26 @@ def kfold_split(cases: Sequence[dict], num_folds: int = 5, fold: int = 0, seed: 
     }
 
 
+def run_name(fold: int = 0, num_folds: int = 5, label_fraction: float = 1.0, split_seed: int = 0) -> str:
+    """The name of a run's folder under ``models/<task>/`` and ``eval/<task>/``: what selects its data, so that
+    two folds, two label fractions or two splits never share (and never resume) each other's checkpoints:
+    ``fold0of5``, ``fold1of5_frac0.25``, ``fold0of5_split3``.
+
+    Raises:
+        ValueError: a fold or fraction that names no run (checked here, before any folder is made).
+    """
+    if num_folds < 2 or not 0 <= fold < num_folds:
+        raise ValueError(f"fold {fold} of {num_folds}: fold must be in 0..num_folds - 1 and num_folds at least 2")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    name = f"fold{fold}of{num_folds}"
+    if label_fraction < 1.0:
+        name += f"_frac{label_fraction:g}"
+    if split_seed != 0:
+        name += f"_split{split_seed}"
+    return name
+
+
 def keep_fraction(cases: Sequence[dict], fraction: float, seed: int = 0) -> list[dict]:
     """A seeded ``fraction`` of ``cases`` (at least one), for data-efficiency experiments.
 
@@ -181,9 +203,11 @@ def load_task_datalist(
     seed: int = 0,
     label_fraction: float = 1.0,
     check: bool = True,
+    strict_domain: bool = False,
 ) -> list[dict]:
     """One split of an MSD data set: ``training``/``validation`` from the seeded k-fold split of the labelled cases
-    (``training`` cut to ``label_fraction``), or ``test``; every file checked against the task when ``check`` is set."""
+    (``training`` cut to ``label_fraction``), or ``test``; every file checked against the task when ``check`` is set
+    (:func:`swin_unetr_kit.data.check_cases`, with the task's ``domain``)."""
     check_dataset_json(dataset_dir, settings)
     lists = build_datalist(dataset_dir, datalist_file, val_fraction=0.0, seed=seed)
     labelled = lists.get("training", []) + lists.get("validation", [])
@@ -195,9 +219,14 @@ def load_task_datalist(
         cases = lists.get(split, [])
     if not cases:
         raise DataError(f"{datalist_file or dataset_dir}: the '{split}' list of {settings['task']} is empty")
-    if check:
-        for case in cases:
-            check_case(case, in_channels=settings["in_channels"], num_classes=settings["num_labels"])
+    if check:  # every case of the data set at once, so that one error lists all the bad ones (the second split: cached)
+        check_cases(
+            labelled if split in ("training", "validation") else cases,
+            in_channels=settings["in_channels"],
+            num_classes=settings["num_labels"],
+            domain=settings.get("domain"),
+            strict_domain=strict_domain,
+        )
     logger.info(
         "%s: %d '%s' cases (fold %d of %d, label fraction %g)",
         settings["task"],

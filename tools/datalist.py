@@ -16,7 +16,7 @@ from pathlib import Path
 
 import fire
 
-from swin_unetr_kit.data import build_datalist, check_case
+from swin_unetr_kit.data import build_datalist, check_cases
 
 
 def _relative(entry: dict, root: Path) -> dict:
@@ -36,9 +36,8 @@ def make_datalist(
     root = Path(dataset_dir).resolve()
     lists = build_datalist(root, val_fraction=val_fraction, seed=seed)
     if check:
-        for part in ("training", "validation"):
-            for case in lists.get(part, []):
-                check_case(case, in_channels=in_channels, num_classes=num_classes)
+        labelled = lists.get("training", []) + lists.get("validation", [])
+        check_cases(labelled, in_channels=in_channels, num_classes=num_classes)
     content = {
         "description": f"datalist of {root.name}: seeded split (seed {seed}, validation fraction {val_fraction})",
         **{part: [_relative(e, root) for e in entries] for part, entries in lists.items()},

@@ -2,7 +2,7 @@
 
 The bundle's metadata describes its default task (Task09_Spleen); tools that read metadata rather than configs, such as
 MONAI Label (label names from ``channel_def``) and the model zoo (input channels and patch shape), need the metadata
-of the task a model was trained for. Training also writes it beside the model (``models/<task>/metadata.json``).
+of the task a model was trained for. Training also writes it beside the model (``models/<task>/<run>/metadata.json``).
 
 Usage:
     python tools/msd_metadata.py Task01_BrainTumour                 # print it

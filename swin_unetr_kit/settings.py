@@ -1,0 +1,33 @@
+"""Reading the bundles' settings as the user meant them.
+
+``python -m monai.bundle run --resume false`` hands the config the *string* ``'false'`` (fire turns only Python's
+``False`` into a bool), and a non-empty string is true. The configs therefore read every boolean setting through
+:func:`flag`, which accepts the spellings people type and refuses anything else by name.
+"""
+
+from __future__ import annotations
+
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def flag(value: object, name: str) -> bool:
+    """``value`` of the boolean setting ``name`` as a bool: ``True``/``False``, ``1``/``0`` and the words
+    true/false, yes/no, on/off, 1/0 in any case (as the command line and override files give them).
+
+    Raises:
+        ValueError: any other value, naming the setting and what it accepts.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+    raise ValueError(
+        f"--{name} {value!r}: not a boolean; use one of {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)} (any case)"
+    )
