@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, MapTransform, Spacingd
 
 logger = logging.getLogger(__name__)
 
@@ -378,4 +378,21 @@ class WarnIfNotCTd(MapTransform):
                         low,
                         high,
                     )
+        return d
+
+
+class PathSafeSpacingd(Spacingd):
+    """``monai.transforms.Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone.
+
+    After resampling a NIfTI image, MONAI 1.6.1's ``Spacingd`` calls ``d[k].update(meta)`` on every ``<key>_*`` entry,
+    taking each for a metadata dictionary; MONAI Label puts the study's path into the data as the string
+    ``image_path`` (and reads it back when writing the result), so every NIfTI study failed with ``AttributeError``.
+    Such entries are set aside during the call and put back unchanged.
+    """
+
+    def __call__(self, data: Mapping, lazy: bool | None = None) -> dict:
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        aside = {k: v for k, v in data.items() if str(k).startswith(prefixes) and not isinstance(v, Mapping)}
+        d = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
+        d.update(aside)
         return d

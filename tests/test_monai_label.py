@@ -15,7 +15,9 @@ from conftest import BTCV_BUNDLE, REPO, SMALL
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 from monai.networks.nets import SwinUNETR
-from monai.transforms import Compose, LoadImaged, SaveImaged
+from monai.transforms import Compose, LoadImaged, SaveImaged, Spacingd
+
+from swin_unetr_kit.data import PathSafeSpacingd
 
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 CPU_SIZES = {"roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]}  # not MONAI Label's: this machine's
@@ -28,6 +30,20 @@ def label_names(bundle) -> dict[str, int]:
     assert next(iter(inputs)) == "image" and next(iter(outputs)) == "pred"
     channels = next(iter(outputs.values()))["channel_def"]
     return {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
+
+
+def test_spacing_keeps_monai_label_image_path(synthetic_dataset):
+    """MONAI Label's data carries the study's path as the string ``image_path``; MONAI 1.6.1's Spacingd takes every
+    ``image_*`` entry of a NIfTI image for a metadata dictionary and calls ``update`` on it."""
+    image_path = str(synthetic_dataset / "imagesTs" / "test0.nii.gz")
+    load = LoadImaged("image", ensure_channel_first=True, image_only=False)
+    data = load({"image": image_path, "image_path": image_path})
+    with pytest.raises(AttributeError, match="update"):
+        Spacingd("image", pixdim=(3.0, 3.0, 3.0))(data)
+    resampled = PathSafeSpacingd("image", pixdim=(3.0, 3.0, 3.0))(data)
+    assert resampled["image_path"] == image_path  # MONAI Label's writer reads it back
+    assert resampled["image"].pixdim.tolist() == [3.0, 3.0, 3.0]
+    assert resampled["image_meta_dict"]["filename_or_obj"] == image_path  # real metadata still updated
 
 
 @pytest.mark.parametrize(("bundle", "num_labels"), [(BTCV_BUNDLE, 13), (MSD_BUNDLE, 1)])
@@ -67,7 +83,7 @@ def test_bundle_infer_task_contract(bundle, num_labels, synthetic_dataset, tmp_p
     post = [t for t in (post.transforms if isinstance(post, Compose) else post) if not isinstance(t, SaveImaged)]
 
     image_path = synthetic_dataset / "imagesTs" / "test0.nii.gz"
-    data = {"image": str(image_path)}
+    data = {"image": str(image_path), "image_path": str(image_path)}  # BasicInferTask adds the study's path
     for transform in pre:
         data = transform(data)
     with torch.no_grad():
