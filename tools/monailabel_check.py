@@ -39,6 +39,8 @@ sys.path.insert(0, str(REPO / "tools"))
 from sample_data import cache_dir  # noqa: E402
 
 BUNDLES = ("swin_unetr_btcv_seg", "swin_unetr_msd")
+NIFTI_HALF_SIZE = (24, 24, 16)  # voxels of 3 mm: a 144 x 144 x 96 mm block of the torso CT
+DICOM_SIZE = 160  # pixels of ~1 mm, in-plane, of each slice of the 20-slice series
 # Found by trying: monailabel 0.8.5 caps numpy below 2 (numpymaxflow, pydicom-seg) and its DICOM stack breaks on
 # pydicom 3; torch and torchvision are pinned as a pair that import together, else monailabel's install replaces torch
 # (and sam2, one of its requirements, builds against whatever torch its isolated build environment pulls).
@@ -61,10 +63,15 @@ def log(message: str) -> None:
     print(f"[monailabel_check {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The environment a user's shell would have: no PYTHONPATH, so nothing of this checkout is importable."""
+def clean_env(venv: Path | None = None, **extra: str) -> dict[str, str]:
+    """The environment of a user's shell with ``venv`` activated: no PYTHONPATH, no other virtual environment on the
+    PATH, so nothing of this checkout is importable (the ``monailabel`` launcher runs the ``python`` it finds)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), **extra)
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if not Path(p, "activate").is_file()]
+    if venv is not None:
+        path.insert(0, str(venv / "bin"))
+        env["VIRTUAL_ENV"] = str(venv)
+    env.update(PATH=os.pathsep.join(path), OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), **extra)
     return env
 
 
@@ -94,8 +101,8 @@ def guard_torchvision_fakes(venv: Path) -> None:
     Its compiled operators do not load without CUDA torch, which torchvision tolerates everywhere but in two
     unguarded ``torch.library.register_fake("torchvision::...")`` calls, so ``import torchvision`` fails; MONAI Label
     imports ``torchvision.utils`` (pure Python) at start. Guard those two calls by ``extension._has_ops()`` as
-    torchvision guards its other registrations. With a CPU torchvision from PyTorch's own index (``--index-url
-    https://download.pytorch.org/whl/cpu``) or a CUDA torch, nothing is changed.
+    torchvision guards its other registrations. With a CPU torchvision from PyTorch's own CPU wheel index, or with a
+    CUDA torch, it imports as it is and nothing is changed.
     """
     (module,) = venv.glob("lib/python3*/site-packages/torchvision/_meta_registrations.py")
     text = module.read_text()
@@ -152,6 +159,36 @@ def write_stand_in_weights(python: Path, bundle: Path, out_channels: int) -> Non
     )
 
 
+def small_studies(sample: Path, out: Path) -> tuple[Path, Path, Path]:
+    """A NIfTI CT with its label and a DICOM series, both cropped from the sample data to a few sliding windows, so
+    that CPU inference takes minutes on a busy machine: (NIfTI image, its label, DICOM series folder)."""
+    import nibabel as nib
+    import numpy as np
+    import pydicom
+
+    out.mkdir(parents=True, exist_ok=True)
+    image, label = nib.load(sample / "imagesTr" / "ts_torso.nii.gz"), nib.load(sample / "labelsTr" / "ts_torso.nii.gz")
+    centre = [s // 2 for s in image.shape]
+    crop = tuple(slice(c - h, c + h) for c, h in zip(centre, NIFTI_HALF_SIZE, strict=True))
+    for img, name in ((image, "ct.nii.gz"), (label, "label.nii.gz")):
+        nib.save(img.slicer[crop], out / name)
+    series = out / "dicom_series"
+    series.mkdir(exist_ok=True)
+    for i, source in enumerate(sorted(p for p in (sample / "imagesTs" / "ts_slab_dicom").iterdir() if p.is_file())):
+        ds = pydicom.dcmread(source)
+        ds.decompress()
+        r0, c0 = (ds.Rows - DICOM_SIZE) // 2, (ds.Columns - DICOM_SIZE) // 2
+        pixels = ds.pixel_array[r0 : r0 + DICOM_SIZE, c0 : c0 + DICOM_SIZE]
+        row_dir, col_dir = np.array(ds.ImageOrientationPatient[:3]), np.array(ds.ImageOrientationPatient[3:])
+        row_mm, col_mm = (float(v) for v in ds.PixelSpacing)  # between rows, between columns
+        origin = np.array(ds.ImagePositionPatient, float) + c0 * col_mm * row_dir + r0 * row_mm * col_dir
+        ds.ImagePositionPatient = [round(float(v), 4) for v in origin]
+        ds.Rows, ds.Columns = pixels.shape
+        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+        ds.save_as(series / f"slice_{i:03d}.dcm")
+    return out / "ct.nii.gz", out / "label.nii.gz", series
+
+
 def same_geometry(label_file: Path, reference: Path) -> dict:
     """Shape and voxel-to-world matrix of the returned label map against the input (both read by MONAI)."""
     import numpy as np
@@ -182,15 +219,14 @@ def main(work: str | None = None, venv: str | None = None, port: int = 8765, kee
     sample = cache_dir() / "btcv_sample"
     if not (sample / "imagesTr" / "ts_torso.nii.gz").is_file():
         subprocess.run([sys.executable, str(REPO / "tools" / "sample_data.py")], check=True)
-    ct, ct_label = sample / "imagesTr" / "ts_torso.nii.gz", sample / "labelsTr" / "ts_torso.nii.gz"
-    dicom_series = sample / "imagesTs" / "ts_slab_dicom"
+    ct, ct_label, dicom_series = small_studies(sample, work_dir / "inputs")
 
     log("packaging the bundles into a local zoo and installing them into MONAI Label's monaibundle app")
     zoo_dir, apps = work_dir / "zoo", work_dir / "apps"
     subprocess.run([sys.executable, str(REPO / "tools" / "zoo.py"), "package", "--out", str(zoo_dir)], check=True)
     if not (apps / "monaibundle").is_dir():
         cmd = [str(monailabel), "apps", "--download", "--name", "monaibundle", "--output", str(apps)]
-        subprocess.run(cmd, check=True, env=clean_env(), cwd=work_dir)
+        subprocess.run(cmd, check=True, env=clean_env(venv_dir), cwd=work_dir)
     app = apps / "monaibundle"
     for name, out_channels in zip(BUNDLES, (14, 2), strict=True):
         shutil.rmtree(app / "model" / name, ignore_errors=True)
@@ -219,7 +255,12 @@ def main(work: str | None = None, venv: str | None = None, port: int = 8765, kee
         cmd += ["--conf", "sam2", "false", "--conf", "preload", "false"]
         log(f"starting the server (log: {work_dir / 'server.log'})")
         server = subprocess.Popen(
-            cmd, stdout=server_log, stderr=subprocess.STDOUT, env=clean_env(), cwd=work_dir, start_new_session=True
+            cmd,
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            env=clean_env(venv_dir),
+            cwd=work_dir,
+            start_new_session=True,
         )
         base = f"http://127.0.0.1:{port}"
         try:
