@@ -190,6 +190,7 @@ def test_bundle_train_task_contract(bundle, synthetic_dataset, tmp_path):
             record["label"] = str(spleen)
     config = ConfigParser()
     config.read_config(str(installed / "configs" / "train.json"))
+    config.config.update({"bundle_root": str(installed)})  # as BundleTrainTask loads it
     handlers = config.get("train#handlers", [])
     handlers.insert(
         0,

@@ -118,8 +118,11 @@ def guard_torchvision_fakes(venv: Path) -> None:
     log(f"torchvision's compiled operators do not load with this torch: guarded their fake registrations in {module}")
 
 
-def request(url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 1800) -> bytes:
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+def request(
+    url: str, data: bytes | None = None, headers: dict | None = None, timeout: float = 1800, method: str | None = None
+) -> bytes:
+    method = method or ("POST" if data is not None else "GET")
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
             return response.read()
@@ -330,7 +333,7 @@ def infer_dicom(base: str, model: str, series: Path, work_dir: Path) -> dict:
     t = time.time()
     files = [("files", f) for f in sorted(series.iterdir()) if f.is_file()]
     body, headers = multipart({}, files)
-    session = json.loads(request(f"{base}/session/?uncompress=false", body, headers))["session_id"]
+    session = json.loads(request(f"{base}/session/?uncompress=false", body, headers, method="PUT"))["session_id"]
     query = urllib.parse.urlencode({"session_id": session, "output": "image"})
     body, headers = multipart({"params": json.dumps(INFER_PARAMS)}, [])
     out = work_dir / f"{model}_dicom_label.nii.gz"
