@@ -335,7 +335,8 @@ def infer_dicom(base: str, model: str, series: Path, work_dir: Path) -> dict:
     body, headers = multipart({}, files)
     session = json.loads(request(f"{base}/session/?uncompress=false", body, headers, method="PUT"))["session_id"]
     query = urllib.parse.urlencode({"session_id": session, "output": "image"})
-    body, headers = multipart({"params": json.dumps(INFER_PARAMS)}, [])
+    # a folder has no file extension for MONAI Label to write the result with: the client names one, as viewers do
+    body, headers = multipart({"params": json.dumps({**INFER_PARAMS, "result_extension": ".nii.gz"})}, [])
     out = work_dir / f"{model}_dicom_label.nii.gz"
     out.write_bytes(request(f"{base}/infer/{model}?{query}", body, headers))
     result = {**same_geometry(out, series), "seconds": round(time.time() - t, 1), "label_file": str(out)}
