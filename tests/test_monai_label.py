@@ -219,7 +219,7 @@ def test_bundle_train_task_contract(bundle, synthetic_dataset, tmp_path):
         meta_file=str(installed / "configs" / "metadata.json"),
         config_file=str(installed / "configs" / "train.json"),
         **overrides,
-        **{"pixdim": [3.0, 3.0, 3.0], "sw_batch_size": 2},  # not a UI option: this machine's test size
+        **{"pixdim": [3.0, 3.0, 3.0], "sw_batch_size": 2, "sw_overlap": 0.25},  # not UI options: this machine's
     )
     ckpt_dir = installed / "models" / ("" if bundle == BTCV_BUNDLE else "Task09_Spleen")
     latest = torch.load(ckpt_dir / "latest.pt", weights_only=False)
