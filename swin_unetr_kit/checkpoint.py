@@ -104,12 +104,15 @@ def atomic_torch_save(obj: object, path: str) -> None:
 class AtomicDiskSaver:
     """ignite save handler: atomic writes, optionally always to the same ``filename``."""
 
-    def __init__(self, dirname: str, filename: str | None = None) -> None:
+    def __init__(self, dirname: str, filename: str | None = None, copy_to: str | None = None) -> None:
         self.dirname = dirname
         self.filename = filename
+        self.copy_to = copy_to
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         atomic_torch_save(checkpoint, os.path.join(self.dirname, self.filename or filename))
+        if self.copy_to:
+            atomic_torch_save(checkpoint, self.copy_to)
 
     def remove(self, filename: str) -> None:
         if self.filename is not None:  # a fixed name was just overwritten by the newer checkpoint: keep it
@@ -125,6 +128,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
     Args:
         interval_filename: name of the interval checkpoint (e.g. ``latest.pt``), replaced at every interval; if None,
             the interval checkpoints keep MONAI's numbered names.
+        key_metric_copy: a second path the best model is written to at the same time, such as the ``models/model.pt``
+            that MONAI Label serves when the bundle keeps its own per-task folders; None for none.
         other args: as ``CheckpointSaver``.
 
     Under ``torch.distributed`` only rank 0 attaches, so only rank 0 writes.
@@ -133,7 +138,14 @@ class AtomicCheckpointSaver(CheckpointSaver):
     replace the best model with a worse one (put this saver in the resumable checkpoint's ``save_dict``).
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, interval_filename: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: dict,
+        interval_filename: str | None = None,
+        key_metric_copy: str | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         fixed_names = {
             "_final_checkpoint": self._final_filename,
@@ -143,7 +155,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for attr, filename in fixed_names.items():
             checkpoint = getattr(self, attr)
             if checkpoint is not None:
-                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename)
+                copy_to = key_metric_copy if attr == "_key_metric_checkpoint" else None
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename, copy_to)
 
     def attach(self, engine: Engine) -> None:
         if not _is_rank0():

@@ -30,7 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, MapTransform, Spacingd
 
 logger = logging.getLogger(__name__)
 
@@ -555,4 +555,58 @@ class WarnIfNotCTd(MapTransform):
                         low,
                         high,
                     )
+        return d
+
+
+class PathSafeSpacingd(Spacingd):
+    """``monai.transforms.Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone.
+
+    After resampling a NIfTI image, MONAI 1.6.1's ``Spacingd`` calls ``d[k].update(meta)`` on every ``<key>_*`` entry,
+    taking each for a metadata dictionary; MONAI Label puts the study's path into the data as the string
+    ``image_path`` (and reads it back when writing the result), so every NIfTI study failed with ``AttributeError``.
+    Such entries are set aside during the call and put back unchanged.
+    """
+
+    def __call__(self, data: Mapping, lazy: bool | None = None) -> dict:
+        prefixes = tuple(f"{key}_" for key in self.keys)
+        aside = {k: v for k, v in data.items() if str(k).startswith(prefixes) and not isinstance(v, Mapping)}
+        d = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
+        d.update(aside)
+        return d
+
+
+class CheckLabeld(MapTransform):
+    """Check a loaded label map as :func:`check_case` checks files: one channel, the image's spatial shape and whole
+    values in ``0 .. num_classes - 1``; raise :class:`DataError` naming the file otherwise.
+
+    The datalist functions check files before training starts; this transform checks the cases that arrive another
+    way, such as the image/label lists MONAI Label passes in for ``train#dataset#data``.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int, image_key: str = "image") -> None:
+        super().__init__(keys)
+        self.num_classes = num_classes
+        self.image_key = image_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            name = str(getattr(label, "meta", {}).get("filename_or_obj", key))
+            if label.shape[0] != 1:
+                raise DataError(f"{name}: a label map must have one channel, found {label.shape[0]}")
+            image = d.get(self.image_key)
+            if image is not None and tuple(image.shape[1:]) != tuple(label.shape[1:]):
+                raise DataError(
+                    f"{name}: label shape {tuple(label.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
+                )
+            low, high = float(label.min()), float(label.max())
+            fractional = label.is_floating_point() and bool((label != label.round()).any())
+            if low < 0 or high >= self.num_classes or fractional:
+                values = np.unique(np.asarray(label))
+                bad = values[(values < 0) | (values >= self.num_classes) | (values != np.round(values))]
+                shown = [int(v) if v == round(v) else float(v) for v in bad[:10]]
+                raise DataError(
+                    f"{name}: label values {shown} outside the {self.num_classes} classes 0..{self.num_classes - 1}"
+                )
         return d

@@ -91,6 +91,23 @@ def encoder_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return {_normalise_key(k): v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
 
+def checkpoint_feature_size(ckpt_paths: str | os.PathLike | list, default: int) -> int:
+    """The ``feature_size`` of the SwinUNETR stored in the first of ``ckpt_paths`` that exists, else ``default``.
+
+    A config builds its network with this so that it always fits the weights it will load: MONAI Label loads
+    ``models/model.pt`` into the bundle's ``network_def`` after a user trained a smaller network from its UI.
+    """
+    for path in [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else ckpt_paths:
+        if os.path.isfile(path):
+            tensors = encoder_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            if PATCH_EMBED_KEY not in tensors:
+                raise PretrainedWeightsError(
+                    f"{path}: no SwinUNETR patch embedding ({PATCH_EMBED_KEY}) in the checkpoint"
+                )
+            return int(tensors[PATCH_EMBED_KEY].shape[0])
+    return default
+
+
 def load_pretrained_encoder(network: SwinUNETR, ckpt_path: str | None, adapt_in_channels: bool = True) -> SwinUNETR:
     """Return ``network`` with its encoder initialised from ``ckpt_path``; nothing is loaded when the path is empty.
 

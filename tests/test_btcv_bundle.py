@@ -39,10 +39,10 @@ def test_check_properties(names, workflow_type, synthetic_dataset):
 def test_paper_defaults_and_overrides():
     workflow = ConfigWorkflow(config_file=configs("train"), workflow_type="train", **{"network_def#feature_size": 24})
     parser = workflow.parser
-    assert parser["roi_size"] == [96, 96, 96]
+    assert parser.get_parsed_content("roi_size") == [96, 96, 96]
     assert parser["pixdim"] == [1.5, 1.5, 2.0]
     assert parser["hu_window"] == [-175, 250]
-    assert parser["num_samples"] == 4
+    assert parser.get_parsed_content("num_samples") == 4
     assert parser["learning_rate"] == 1e-4 and parser["weight_decay"] == 1e-5
     net = parser.get_parsed_content("network_def")
     assert net.swinViT.embed_dim == 24  # the override reached the network

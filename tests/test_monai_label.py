@@ -5,17 +5,21 @@ project's pins (it caps numpy below 2 through numpymaxflow and pydicom-seg, and 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import monai.bundle
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV_BUNDLE, REPO, SMALL
+from conftest import BTCV_BUNDLE, REPO
 from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader
 from monai.networks.nets import SwinUNETR
-from monai.transforms import Compose, LoadImaged, SaveImaged
+from monai.transforms import Compose, LoadImaged, SaveImaged, Spacingd
+
+from swin_unetr_kit.data import DataError, PathSafeSpacingd
 
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 CPU_SIZES = {"roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]}  # not MONAI Label's: this machine's
@@ -28,6 +32,20 @@ def label_names(bundle) -> dict[str, int]:
     assert next(iter(inputs)) == "image" and next(iter(outputs)) == "pred"
     channels = next(iter(outputs.values()))["channel_def"]
     return {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
+
+
+def test_spacing_keeps_monai_label_image_path(synthetic_dataset):
+    """MONAI Label's data carries the study's path as the string ``image_path``; MONAI 1.6.1's Spacingd takes every
+    ``image_*`` entry of a NIfTI image for a metadata dictionary and calls ``update`` on it."""
+    image_path = str(synthetic_dataset / "imagesTs" / "test0.nii.gz")
+    load = LoadImaged("image", ensure_channel_first=True, image_only=False)
+    data = load({"image": image_path, "image_path": image_path})
+    with pytest.raises(AttributeError, match="update"):
+        Spacingd("image", pixdim=(3.0, 3.0, 3.0))(data)
+    resampled = PathSafeSpacingd("image", pixdim=(3.0, 3.0, 3.0))(data)
+    assert resampled["image_path"] == image_path  # MONAI Label's writer reads it back
+    assert resampled["image"].pixdim.tolist() == [3.0, 3.0, 3.0]
+    assert resampled["image_meta_dict"]["filename_or_obj"] == image_path  # real metadata still updated
 
 
 @pytest.mark.parametrize(("bundle", "num_labels"), [(BTCV_BUNDLE, 13), (MSD_BUNDLE, 1)])
@@ -67,7 +85,7 @@ def test_bundle_infer_task_contract(bundle, num_labels, synthetic_dataset, tmp_p
     post = [t for t in (post.transforms if isinstance(post, Compose) else post) if not isinstance(t, SaveImaged)]
 
     image_path = synthetic_dataset / "imagesTs" / "test0.nii.gz"
-    data = {"image": str(image_path)}
+    data = {"image": str(image_path), "image_path": str(image_path)}  # BasicInferTask adds the study's path
     for transform in pre:
         data = transform(data)
     with torch.no_grad():
@@ -79,24 +97,100 @@ def test_bundle_infer_task_contract(bundle, num_labels, synthetic_dataset, tmp_p
     assert set(np.unique(prediction)) <= set(range(out_channels))
 
 
-def test_bundle_train_task_contract(synthetic_dataset, tmp_path):
+TRAIN_DISPLAYABLE = {"num_samples", "num_workers", "cache_rate", "roi_edge", "feature_size", "val_interval"}
+# what a CPU user picks in MONAI Label's training options
+CPU_TRAINING = {"num_samples": 1, "num_workers": 0, "cache_rate": 0.0, "roi_edge": 64, "feature_size": 12}
+
+
+@pytest.mark.parametrize("bundle", [BTCV_BUNDLE, MSD_BUNDLE])
+def test_train_options_shown_in_monai_label(bundle, tmp_path):
+    """MONAI Label shows train.json's displayable_configs and passes the user's values back as that whole dictionary;
+    they size the crops, loaders, cache, window and network; the network size defaults to the served model's."""
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "train.json"))
+    parser.config.update({"bundle_root": str(tmp_path), "tasks_file": str(MSD_BUNDLE / "configs" / "tasks.json")})
+    shown = parser.get_parsed_content("displayable_configs", instantiate=True)
+    assert set(shown) == TRAIN_DISPLAYABLE
+    assert (shown["roi_edge"], shown["feature_size"], shown["num_samples"]) == (96, 48, 4)
+
+    (tmp_path / "models").mkdir()
+    torch.save(
+        SwinUNETR(in_channels=1, out_channels=14, feature_size=24).state_dict(), tmp_path / "models" / "model.pt"
+    )
+    parser.parse()
+    assert parser.get_parsed_content("displayable_configs#feature_size") == 24  # the served model's size
+
+    parser["displayable_configs"] = {**shown, **CPU_TRAINING, "val_interval": 100}
+    parser["train#trainer#max_epochs"] = 1
+    parser.parse()
+    assert parser.get_parsed_content("roi_size") == [64, 64, 64]
+    assert parser.get_parsed_content("network_def").swinViT.embed_dim == 12
+    assert parser.get_parsed_content("val_interval") == 1  # a run shorter than val_interval still validates at its end
+    assert (parser.get_parsed_content("num_samples"), parser.get_parsed_content("cache_rate")) == (1, 0.0)
+
+
+def test_inference_builds_the_network_of_the_served_model(tmp_path):
+    """A model trained smaller from MONAI Label's UI is served: inference.json sizes the network from model.pt."""
+    for bundle in (BTCV_BUNDLE, MSD_BUNDLE):
+        (tmp_path / bundle.name / "models").mkdir(parents=True)
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser.config.update({"bundle_root": str(tmp_path / bundle.name)})
+        parser.config.update({"tasks_file": str(MSD_BUNDLE / "configs" / "tasks.json")})
+        assert parser.get_parsed_content("network_def").swinViT.embed_dim == 48  # no model yet: the paper's size
+        out_channels = parser.get_parsed_content("network_def").out.conv.conv.out_channels
+        weights = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12).state_dict()
+        torch.save(weights, tmp_path / bundle.name / "models" / "model.pt")  # where MONAI Label loads it from
+        parser.parse()
+        parser.get_parsed_content("network_def").load_state_dict(weights)
+
+
+def test_labels_passed_in_are_checked(synthetic_dataset, tmp_path):
+    """MONAI Label replaces train#dataset#data with its own image/label list, past the datalist checks: the training
+    transforms check each label as it is loaded and name the file."""
+    datalist = json.loads((synthetic_dataset / "dataset_0.json").read_text())
+    case = {k: str(synthetic_dataset / v) for k, v in datalist["training"][0].items()}
+    label = nib.load(case["label"])
+    bad = tmp_path / "bad_label.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj).astype(np.uint8) + 20, label.affine), bad)
+    parser = ConfigParser()
+    parser.read_config(str(BTCV_BUNDLE / "configs" / "train.json"))
+    transforms = Compose(parser.get_parsed_content("deterministic_transforms", instantiate=True))
+    assert transforms(case)["label"].max() < 14
+    with pytest.raises(RuntimeError) as raised:  # MONAI's transform chain wraps the error, ours is the cause
+        transforms({**case, "label": str(bad)})
+    assert isinstance(raised.value.__cause__, DataError)
+    assert re.search(r"bad_label.nii.gz: label values \[20, .*outside the 14 classes", str(raised.value.__cause__))
+
+
+@pytest.mark.parametrize("bundle", [BTCV_BUNDLE, MSD_BUNDLE])
+def test_bundle_train_task_contract(bundle, synthetic_dataset, tmp_path):
     """monailabel's single-GPU training: ``monai.bundle.run`` on train.json with its overrides: bundle_root, max epochs,
-    the datastore's image/label list for training and validation, the device, and the config's own handler list with a
-    CheckpointLoader for the existing model.pt put first."""
-    installed = tmp_path / BTCV_BUNDLE.name
+    the datastore's image/label list for training and validation, the device, the user's displayable_configs, and the
+    config's own handler list with a CheckpointLoader for the existing model.pt put first. One epoch writes the model
+    MONAI Label serves, ``models/model.pt`` (the MSD bundle's per-task folder keeps its own copy)."""
+    installed = tmp_path / bundle.name
     (installed / "models").mkdir(parents=True)
     for sub in ("configs", "docs"):
-        (installed / sub).symlink_to(BTCV_BUNDLE / sub)
+        (installed / sub).symlink_to(bundle / sub)
     torch.manual_seed(0)
-    start = SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict()
+    out_channels = 14 if bundle == BTCV_BUNDLE else 2
+    start = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12).state_dict()
     torch.save(start, installed / "models" / "model.pt")
 
     datalist = json.loads((synthetic_dataset / "dataset_0.json").read_text())
     records = [
         {k: str(synthetic_dataset / v) for k, v in c.items()} for c in datalist["training"] + datalist["validation"]
     ]
+    if bundle == MSD_BUNDLE:  # spleen labels: organ 1 of BTCV's
+        for record in records:
+            label = nib.load(record["label"])
+            spleen = tmp_path / Path(record["label"]).name
+            nib.save(nib.Nifti1Image((np.asarray(label.dataobj) == 1).astype(np.uint8), label.affine), spleen)
+            record["label"] = str(spleen)
     config = ConfigParser()
     config.read_config(str(installed / "configs" / "train.json"))
+    config.config.update({"bundle_root": str(installed)})  # as BundleTrainTask loads it
     handlers = config.get("train#handlers", [])
     handlers.insert(
         0,
@@ -107,15 +201,17 @@ def test_bundle_train_task_contract(synthetic_dataset, tmp_path):
             "strict": False,
         },
     )
+    shown = config.get_parsed_content("displayable_configs", instantiate=True)
+    assert shown["feature_size"] == 12  # the served model's
     overrides = {
         "bundle_root": str(installed),
         "train#trainer#max_epochs": 1,
         "train#dataset#data": records[:3],
         "device": torch.device("cpu"),
         "train#handlers": handlers,
+        "displayable_configs": {**shown, **CPU_TRAINING},
         "validate#dataset#data": records[3:],
     }
-    small = {k: v for k, v in SMALL.items() if k != "network_def#feature_size"}
     monai.bundle.run(
         run_id="run",
         init_id=None,
@@ -123,11 +219,14 @@ def test_bundle_train_task_contract(synthetic_dataset, tmp_path):
         meta_file=str(installed / "configs" / "metadata.json"),
         config_file=str(installed / "configs" / "train.json"),
         **overrides,
-        **small,
-        **{"network_def#feature_size": 12, "val_interval": 1},
+        **{"pixdim": [3.0, 3.0, 3.0], "sw_batch_size": 2, "sw_overlap": 0.25},  # not UI options: this machine's
     )
-    latest = torch.load(installed / "models" / "latest.pt", weights_only=False)
+    ckpt_dir = installed / "models" / ("" if bundle == BTCV_BUNDLE else "Task09_Spleen")
+    latest = torch.load(ckpt_dir / "latest.pt", weights_only=False)
     assert latest["trainer"]["iteration"] == latest["trainer"]["epoch_length"] == 3  # one epoch of three cases
     trained = torch.load(installed / "models" / "model.pt", weights_only=True)
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # started from model.pt and trained on
+    if bundle == MSD_BUNDLE:
+        own = torch.load(ckpt_dir / "model.pt", weights_only=True)
+        assert all(torch.equal(own[k], trained[k]) for k in own)

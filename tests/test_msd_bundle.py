@@ -47,6 +47,7 @@ def outputs(tmp_path) -> dict:
     return {
         "bundle_root": str(MSD_BUNDLE),
         "ckpt_dir": str(tmp_path / "models"),
+        "served_model": str(tmp_path / "models" / "model.pt"),
         "output_dir": str(tmp_path / "eval"),
     }
 

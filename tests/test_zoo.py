@@ -15,11 +15,30 @@ import pytest
 import torch
 import yaml
 import zoo
-from conftest import SMALL, run_workflow
+from conftest import SMALL
 from monai.apps.utils import HashCheckError
 from monai.networks.nets import SwinUNETR
 
 BUNDLES = ("swin_unetr_btcv_seg", "swin_unetr_msd", "swin_unetr_ssl_pretrain")
+# `python -m monai.bundle <args>` in an interpreter where swin_unetr_kit can come only from the current folder
+ONLY_BUNDLED_KIT = """
+import importlib.machinery, os, runpy, sys
+
+class BundledKitOnly:
+    def find_spec(self, name, path=None, target=None):
+        if name != "swin_unetr_kit":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, [os.getcwd()])
+        if spec is None:
+            raise ImportError("swin_unetr_kit is not in the bundle folder")
+        return spec
+
+sys.meta_path.insert(0, BundledKitOnly())
+import swin_unetr_kit
+print("swin_unetr_kit from", os.path.dirname(swin_unetr_kit.__file__), flush=True)
+sys.argv = ["monai.bundle", *sys.argv[1:]]
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +81,19 @@ def test_monai_download_from_the_local_zoo_then_inference(local_zoo, synthetic_d
     bundle = installed / "swin_unetr_btcv_seg"
     assert (bundle / "models" / "model.pt").is_file()
 
+    assert (bundle / "swin_unetr_kit" / "__init__.py").is_file()  # the shared code travels inside the zip
+
+    # the README's command from the installed bundle's folder, with this checkout's kit made unimportable: the
+    # editable install and PYTHONPATH are bypassed by a finder that serves swin_unetr_kit from the bundle folder only
     overrides = {k: v for k, v in SMALL.items() if k in ("network_def#feature_size", "roi_size", "pixdim")}
-    run_workflow(
-        [str(bundle / "configs" / "inference.json")],
-        workflow_type="infer",
-        bundle_root=str(bundle),
-        input=str(synthetic_dataset / "imagesTs"),
-        num_workers=0,
-        **overrides,
+    args = ["--config_file", "configs/inference.json", "--input", str(synthetic_dataset / "imagesTs")]
+    args += ["--num_workers", "0", *(f"--{k}={json.dumps(v)}" for k, v in overrides.items())]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", ONLY_BUNDLED_KIT, "run", *args], cwd=bundle, env=env, capture_output=True, text=True
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"swin_unetr_kit from {bundle / 'swin_unetr_kit'}" in result.stdout
     out = nib.load(bundle / "eval" / "test0_seg.nii.gz")
     assert out.shape == nib.load(synthetic_dataset / "imagesTs" / "test0.nii.gz").shape
 

@@ -12,9 +12,13 @@ fetches and checks.
 MONAI installs a zip with ``python -m monai.bundle download --name <name> --url <source> --bundle_dir <dir>`` (it
 refuses archive members that escape the folder) but checks no checksum, and fetches large files only when asked:
 ``python -m monai.bundle download_large_files --bundle_path <dir>/<name>``. ``install`` checks the index's checksum,
-extracts with MONAI's own extraction and then fetches the large files (MONAI checks their hashes). The bundles import
-``swin_unetr_kit``: the environment that runs an installed bundle needs it (``pip install`` this repository, as
-``tools/setup_env.sh`` does).
+extracts with MONAI's own extraction and then fetches the large files (MONAI checks their hashes).
+
+A zipped bundle is self-contained: the ``swin_unetr_kit`` package its configs import is copied in at packaging time as
+``<name>/swin_unetr_kit/`` (the repository keeps the one source), where the bundle's own code is looked for: MONAI
+Label puts the bundle folder on ``sys.path`` and ``python -m monai.bundle run`` started in the bundle folder has it
+there as the current folder. An environment with MONAI (and the bundle's listed packages) runs it without this
+repository installed.
 
 Usage (from the repository root):
     python tools/zoo.py package --out zoo/                          # every bundle, index in zoo/model_info.json
@@ -40,6 +44,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
+KIT = REPO / "swin_unetr_kit"  # the shared code every bundle imports; each zip carries a copy
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store
 LARGE_FILE_BYTES = 25 * 2**20  # the model zoo's limit for files inside a bundle
 
@@ -54,7 +59,7 @@ def sha256(path: Path) -> str:
 
 
 def bundle_files(bundle: Path) -> list[Path]:
-    """The bundle's files under version control, sorted (outputs such as models/ and eval/ are not)."""
+    """A folder's files under version control, sorted (outputs such as a bundle's models/ and eval/ are not)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--", "."], cwd=bundle, capture_output=True, text=True, check=True
     ).stdout
@@ -76,13 +81,16 @@ def _url(path: Path, base_url: str | None) -> str:
 
 
 def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None, base_url: str | None = None) -> Path:
-    """Write ``<name>_v<version>.zip`` of ``bundle`` into ``out_dir`` and return its path. Weights over
+    """Write ``<name>_v<version>.zip`` of ``bundle`` (with a copy of ``swin_unetr_kit``) into ``out_dir`` and return
+    its path. Weights over
     ``LARGE_FILE_BYTES`` go beside the zip and are described in its ``large_files.yml`` (served from ``base_url``)."""
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     name, version = bundle.name, metadata["version"]
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}_v{version}.zip"
     contents = {f"{name}/{path.relative_to(bundle).as_posix()}": path.read_bytes() for path in bundle_files(bundle)}
+    for path in bundle_files(KIT):
+        contents[f"{name}/{KIT.name}/{path.relative_to(KIT).as_posix()}"] = path.read_bytes()
     if weights:
         if not Path(weights).is_file():
             raise ZooError(f"{weights}: weights file not found")
