@@ -29,10 +29,10 @@ from ignite.engine import Engine
 from ignite.metrics import Average
 from matplotlib.figure import Figure
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.losses import ContrastiveLoss
 from monai.networks.nets.swin_unetr import SwinTransformer
-from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable, SaveImage
 from torch import nn
 
