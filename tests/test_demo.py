@@ -34,3 +34,13 @@ def test_demo_writes_a_complete_report(sample_dataset, tmp_path):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "predictions" / "ts_slab_dicom_seg.nii.gz").is_file()
     assert (out / "eval_seen" / "predictions" / "ts_torso_seg.nii.gz").is_file()
+
+
+def test_demo_trials_record_the_fit_of_the_training_ct(sample_dataset, tmp_path):
+    out = tmp_path / "trials"
+    cmd = [sys.executable, str(REPO / "tools" / "demo_trials.py"), "--trials", "demo", "--iterations", "1"]
+    result = subprocess.run([*cmd, "--every", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (out / "demo.jsonl").read_text().splitlines()]
+    assert row["iteration"] == 1 and len(row["dice"]) == 12  # the 12 organs of the training CT (no esophagus)
+    assert 0.0 <= row["mean_dice"] <= 1.0 and row["organs_at_0.7"] <= 12
