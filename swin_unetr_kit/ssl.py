@@ -9,12 +9,17 @@ is here:
   and a contrastive projection (512-d) on two bottleneck tokens, and a convolutional decoder back to the input size;
 * :func:`rotate`, :func:`cutout` and :class:`SSLViewsd`: two independently rotated and masked views of each crop;
 * :class:`SSLLoss`: rotation cross-entropy + NT-Xent contrastive + L1 reconstruction, each weighted and logged, with
-  the contrastive negatives gathered across processes under ``torch.distributed``.
+  the contrastive negatives gathered across processes under ``torch.distributed``;
+* :class:`SSLPredictor` and :class:`SSLPredictionWriter`: the inference workflow's network and its output, showing
+  what pre-training learned (a masked, rotated view, its reconstruction and the predicted rotation).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,14 +27,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine
 from ignite.metrics import Average
+from matplotlib.figure import Figure
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.losses import ContrastiveLoss
 from monai.networks.nets.swin_unetr import SwinTransformer
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, SaveImage
 from torch import nn
 
 from swin_unetr_kit.pretrained import LegacyPatchMerging
+from swin_unetr_kit.visual import save_figure
+
+logger = logging.getLogger(__name__)
 
 # the plane of the reference code's rotation: the 2nd and 3rd spatial axes (tensor dims of a [C, X, Y, Z] crop)
 ROTATION_PLANE = (2, 3)
@@ -101,6 +111,22 @@ class SSLHead(nn.Module):
         }
 
 
+class SSLPredictor(SSLHead):
+    """:class:`SSLHead` for inference, answering with one tensor [B, C + 4, ...]: the reconstruction's C channels,
+    then the probabilities of the 4 rotation classes, each constant over space.
+
+    One tensor is what MONAI's inferers, post-transforms and ``verify_net_in_out`` take; the state dict is
+    :class:`SSLHead`'s, so the pre-training checkpoint loads as it is.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        heads = super().forward(x)
+        reconstruction = heads["reconstruction"]
+        spatial = reconstruction.shape[2:]
+        probabilities = heads["rotation"].float().softmax(1).to(reconstruction.dtype)
+        return torch.cat([reconstruction, probabilities[(..., *[None] * len(spatial))].expand(-1, -1, *spatial)], 1)
+
+
 def rotate(volume: torch.Tensor, k: int, plane: tuple[int, int] = ROTATION_PLANE) -> torch.Tensor:
     """``volume`` ([C, X, Y, Z]) turned by ``k`` quarter turns in ``plane``; :func:`rotate` with ``-k`` undoes it."""
     return torch.rot90(volume, k, plane)
@@ -167,6 +193,11 @@ class SSLViewsd(Randomizable, MapTransform):
                 d[f"target{i}"] = target
                 d[f"rotation{i}"] = torch.tensor(k)
         return d
+
+
+def prepare_first_view(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
+    """``prepare_batch`` for inference: view 1 of :class:`SSLViewsd` as the input, no label."""
+    return torch.as_tensor(batchdata["image1"]).to(device=device, non_blocking=non_blocking), None
 
 
 def prepare_ssl_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
@@ -286,3 +317,98 @@ def decay_param_groups(network: nn.Module, weight_decay: float) -> list[dict]:
         else:
             decay.append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class SSLPredictionWriter:
+    """Post-processing of the inference workflow: for each case, what the network was shown and what it answered.
+
+    Writes into ``output_dir``, named after the case's image: ``<case>_view.nii.gz`` (the rotated, masked crop the
+    network saw), ``<case>_reconstruction.nii.gz`` (its reconstruction), ``<case>_target.nii.gz`` (the rotated crop
+    before masking, what the reconstruction aims at), ``<case>_ssl.png`` (the three on the central slices of each
+    axis) and ``<case>_rotation.json`` (the rotation applied and the one predicted, with the class probabilities, and
+    the L1 distance to the target of the reconstruction and of the masked view). Volumes are written in Hounsfield
+    units when ``hu_window`` (the scaling of the pre-processing) is given, else in the network's [0, 1] scale.
+
+    Args:
+        output_dir: output folder.
+        in_channels: image channels (the first channels of the prediction are the reconstruction).
+        hu_window: the HU range that pre-processing scaled to [0, 1], to undo it in the written volumes.
+    """
+
+    def __init__(self, output_dir: str, in_channels: int = 1, hu_window: Sequence[float] | None = None) -> None:
+        self.output_dir = Path(output_dir)
+        self.in_channels = in_channels
+        self.hu_window = (float(hu_window[0]), float(hu_window[1])) if hu_window is not None else None
+
+    def _volume(self, data: torch.Tensor, meta: dict) -> MetaTensor:
+        volume = torch.as_tensor(data).detach().cpu().float()
+        if self.hu_window is not None:
+            volume = volume * (self.hu_window[1] - self.hu_window[0]) + self.hu_window[0]
+        return MetaTensor(volume, meta=dict(meta))
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        view, target, pred = d["image1"], d["target1"], torch.as_tensor(d["pred"]).detach().cpu().float()
+        meta = dict(getattr(view, "meta", {}))
+        source = str(meta.get("filename_or_obj", "case"))
+        name = Path(source.rstrip("/")).name.split(".")[0] or "case"
+        volumes = {
+            "view": self._volume(view, meta),
+            "reconstruction": self._volume(pred[: self.in_channels], meta),
+            "target": self._volume(target, meta),
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for postfix, volume in volumes.items():
+            writer = SaveImage(
+                output_dir=str(self.output_dir),
+                output_postfix=postfix,
+                output_dtype=np.float32,
+                resample=False,
+                separate_folder=False,
+                print_log=False,
+            )
+            writer(volume, meta_data={**meta, "filename_or_obj": name})
+        probabilities = pred[self.in_channels :].flatten(1)[:, 0]
+        applied, predicted = int(d["rotation1"]), int(probabilities.argmax())
+        target_scaled = torch.as_tensor(target).detach().cpu().float()
+        summary = {
+            "case": source,
+            "rotation_plane": "sagittal (the y-z plane of the RAS-oriented crop)",
+            "rotation_applied_degrees": 90 * applied,
+            "rotation_predicted_degrees": 90 * predicted,
+            "rotation_probabilities": {str(90 * k): round(float(p), 4) for k, p in enumerate(probabilities)},
+            "reconstruction_l1": float((pred[: self.in_channels] - target_scaled).abs().mean()),
+            "masked_view_l1": float((torch.as_tensor(view).detach().cpu().float() - target_scaled).abs().mean()),
+        }
+        (self.output_dir / f"{name}_rotation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_figure(_views_figure(volumes, name, summary), self.output_dir / f"{name}_ssl.png")
+        logger.info(
+            "%s: rotation %d° applied, %d° predicted (p=%.2f); L1 to the unmasked crop: reconstruction %.4f, "
+            "masked view %.4f",
+            name,
+            summary["rotation_applied_degrees"],
+            summary["rotation_predicted_degrees"],
+            float(probabilities.max()),
+            summary["reconstruction_l1"],
+            summary["masked_view_l1"],
+        )
+        return d
+
+
+def _views_figure(volumes: Mapping[str, torch.Tensor], name: str, summary: Mapping) -> Figure:
+    """The first channel of each volume on the central slice of each spatial axis (a row per axis)."""
+    target = volumes["target"][0]
+    low, high = float(target.min()), float(target.max())
+    figure = Figure(figsize=(3.2 * len(volumes), 9.6), tight_layout=True)
+    axes = figure.subplots(3, len(volumes), squeeze=False)
+    for row, axis_name in enumerate(("x (sagittal)", "y (coronal)", "z (axial)")):
+        for col, (title, volume) in enumerate(volumes.items()):
+            plane = volume[0].select(row, volume.shape[row + 1] // 2).numpy()
+            axes[row, col].imshow(plane.T, cmap="gray", vmin=low, vmax=high, origin="lower")
+            axes[row, col].set_title(f"{title}, central {axis_name}", fontsize=9)
+            axes[row, col].axis("off")
+    figure.suptitle(
+        f"{name}: rotation {summary['rotation_applied_degrees']}° applied, "
+        f"{summary['rotation_predicted_degrees']}° predicted"
+    )
+    return figure

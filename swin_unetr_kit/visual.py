@@ -21,7 +21,7 @@ from monai.visualize import blend_images
 logger = logging.getLogger(__name__)
 
 
-def _save_figure(figure: Figure, path: Path) -> None:
+def save_figure(figure: Figure, path: Path) -> None:
     """Write ``figure`` to ``path`` through a temporary file, so a reader never sees half a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
@@ -63,7 +63,7 @@ class TrainingCurves:
             plot_metric_graph(metric_axis, "validation", dict(self.logger.metrics), yscale="linear", avg_keys=())
         loss_axis.set_xlabel("iteration")
         metric_axis.set_xlabel("iteration")
-        _save_figure(figure, self.path)
+        save_figure(figure, self.path)
 
 
 def _label_map(volume: torch.Tensor) -> np.ndarray:
@@ -148,5 +148,5 @@ class CaseOverlays:
             source = getattr(image, "meta", {}).get("filename_or_obj", f"case{self.saved}")
             name = Path(str(source)).name.split(".")[0] or f"case{self.saved}"
             figure = overlay_figure(image, pred, item.get(self.label_key), name)
-            _save_figure(figure, self.output_dir / f"{name}.png")
+            save_figure(figure, self.output_dir / f"{name}.png")
             self.saved += 1

@@ -19,9 +19,14 @@ def test_demo_writes_a_complete_report(sample_dataset, tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("$ python -m monai.bundle run") == 4  # train, 2 evaluations, inference
+    # progress on the terminal while each run logs to its file, then the report: the picture, then the table
+    assert "  training: epoch 1/1, iteration 1/1, loss " in result.stdout
+    assert "  evaluation (training CT): " in result.stdout and "  inference (DICOM series): " in result.stdout
+    assert result.stdout.index("picture: ") < result.stdout.index("| organ | Dice")
     report = out / "report"
     text = (report / "report.md").read_text()
-    assert "smoke check" in text and "not a validation" in text
+    assert text.index("![") < text.index("| organ |")
+    assert "fits the one CT it trained on" in text and "not a" in text and "validation" in text
     dice = json.loads((report / "dice.json").read_text())
     assert dice["seen"]["esophagus"] is None  # absent from the reference: left out, not scored 0
     assert all(v is None or 0.0 <= v <= 1.0 for case in dice.values() for v in case.values())
@@ -29,3 +34,13 @@ def test_demo_writes_a_complete_report(sample_dataset, tmp_path):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "predictions" / "ts_slab_dicom_seg.nii.gz").is_file()
     assert (out / "eval_seen" / "predictions" / "ts_torso_seg.nii.gz").is_file()
+
+
+def test_demo_trials_record_the_fit_of_the_training_ct(sample_dataset, tmp_path):
+    out = tmp_path / "trials"
+    cmd = [sys.executable, str(REPO / "tools" / "demo_trials.py"), "--trials", "demo", "--iterations", "1"]
+    result = subprocess.run([*cmd, "--every", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (row,) = [json.loads(line) for line in (out / "demo.jsonl").read_text().splitlines()]
+    assert row["iteration"] == 1 and len(row["dice"]) == 12  # the 12 organs of the training CT (no esophagus)
+    assert 0.0 <= row["mean_dice"] <= 1.0 and row["organs_at_0.7"] <= 12

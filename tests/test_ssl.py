@@ -312,3 +312,39 @@ def test_contrastive_negatives_are_gathered_across_processes():
         # process's rows: 2x the global gradient, which DDP's averaging over the 2 processes brings back to 1x
         rows = slice(rank * 4, (rank + 1) * 4)
         torch.testing.assert_close(grad, 2 * full1.grad[rows], atol=1e-5, rtol=1e-4)
+
+
+def test_inference_shows_the_view_its_reconstruction_and_the_rotation(tmp_path):
+    """``run evaluating`` and bare ``run`` of configs/inference.json, as the README prints them, from the bundle
+    folder: for each CT the masked rotated view, its reconstruction and target (NIfTI, PNG) and the rotation."""
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    write_ct_case(tmp_path / "data", "ct0", shape=(70, 66, 60), seed=0)
+    torch.manual_seed(0)
+    state = SSLHead(feature_size=12).state_dict()
+    state["rotation_head.bias"] = torch.tensor([0.0, 0.0, 50.0, 0.0])  # a checkpoint that always answers 180°
+    (tmp_path / "models").mkdir()
+    torch.save(state, tmp_path / "models" / "model.pt")
+    answers = []
+    for run_id in (["evaluating"], []):
+        out = tmp_path / f"out_{'_'.join(run_id) or 'run'}"
+        cmd = [sys.executable, "-m", "monai.bundle", "run", *run_id, "--config_file", "configs/inference.json"]
+        cmd += ["--bundle_root", str(tmp_path), "--input", str(tmp_path / "data" / "imagesTr"), "--feature_size", "12"]
+        cmd += ["--roi_size", "[64, 64, 64]", "--output_dir", str(out), "--progress", "false"]
+        result = subprocess.run(cmd, cwd=SSL_BUNDLE, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        for kind in ("view", "reconstruction", "target"):
+            assert nib.load(out / f"ct0_{kind}.nii.gz").shape == (64, 64, 64)
+        assert (out / "ct0_ssl.png").stat().st_size > 10_000
+        answer = json.loads((out / "ct0_rotation.json").read_text())
+        assert answer["rotation_predicted_degrees"] == 180  # the checkpoint was loaded
+        assert answer["rotation_applied_degrees"] in (0, 90, 180, 270)
+        assert sum(answer["rotation_probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+        view, target = (nib.load(out / f"ct0_{kind}.nii.gz").get_fdata() for kind in ("view", "target"))
+        assert target.min() >= -1000 - 1e-3 and target.max() <= 1000 + 1e-3  # back in Hounsfield units
+        assert answer["masked_view_l1"] == pytest.approx(np.abs(view - target).mean() / 2000, rel=1e-3)
+        answers.append(answer)
+    assert answers[0] == answers[1]  # seeded: the same view and answer every run
