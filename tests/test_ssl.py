@@ -16,7 +16,7 @@ from monai.data import SmartCacheDataset
 from monai.networks.nets import SwinUNETR
 
 from swin_unetr_kit.data import DataError, WarnIfNotCTd, load_unlabeled
-from swin_unetr_kit.ssl import SSLHead, SSLLoss, SSLViewsd, cutout, prepare_ssl_batch, rotate
+from swin_unetr_kit.ssl import SSLBatch, SSLHead, SSLLoss, SSLViewsd, cutout, drop_boxes, rotate
 
 SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
 SMALL_SSL = {
@@ -45,20 +45,78 @@ def test_rotation_is_a_quarter_turn_in_one_plane_and_invertible():
     assert torch.equal(rotate(volume, 4), volume)
 
 
-def test_cutout_fraction_and_noise():
+def _reference_drop(x: np.ndarray, rng: np.random.RandomState, donor: np.ndarray | None = None) -> None:
+    """The reference's ``patch_rand_drop`` (research-contributions SwinUNETR/Pretrain/utils/ops.py), from its
+    definition: boxes until their summed volumes reach U(0, 0.3) of the voxels; starts below ``dim - int(0.05 dim)``,
+    sides in [int(0.05 dim), int(0.25 dim)) cut at the border; normal noise min-max scaled per box, or the donor's."""
+    dims = x.shape[1:]
+    tol = [int(0.05 * d) for d in dims]
+    big = [int(0.25 * d) for d in dims]
+    goal, total = rng.uniform(0, 0.3) * np.prod(dims), 0
+    while total < goal:
+        start = [rng.randint(0, d - t) for d, t in zip(dims, tol, strict=True)]
+        end = [min(rng.randint(t, m) + s, d) for s, t, m, d in zip(start, tol, big, dims, strict=True)]
+        box = (slice(None), *(slice(s, e) for s, e in zip(start, end, strict=True)))
+        if donor is None:
+            noise = rng.standard_normal(x[box].shape)
+            x[box] = (noise - noise.min()) / (noise.max() - noise.min())
+        else:
+            x[box] = donor[box]
+        total += np.prod([e - s for s, e in zip(start, end, strict=True)])
+
+
+def _reference_aug_rand(batch: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    """The reference's ``aug_rand``: a noise pass per view, then a pass pasting from a random view of the batch."""
+    out = batch.copy()
+    for i in range(len(out)):
+        _reference_drop(out[i], rng)
+        j = rng.randint(0, len(out))
+        if j != i:
+            _reference_drop(out[i], rng, out[j])
+    return out
+
+
+def test_cutout_masks_as_much_as_the_reference():
+    """Over many batches, the fraction of voxels the masking changes matches the reference procedure's."""
+    rng_data, rng_ours, rng_ref = (np.random.RandomState(s) for s in (0, 1, 2))
+    generator = torch.Generator().manual_seed(0)
+    ours, ref = [], []
+    for _ in range(120):
+        views = rng_data.uniform(0.2, 0.8, (4, 1, 48, 48, 48)).astype(np.float32)  # distinct crops: pastes show
+        ours += (
+            (cutout(torch.from_numpy(views), rng_ours, generator=generator).numpy() != views)
+            .mean((1, 2, 3, 4))
+            .tolist()
+        )
+        ref += (_reference_aug_rand(views, rng_ref) != views).mean((1, 2, 3, 4)).tolist()
+    assert np.mean(ours) == pytest.approx(np.mean(ref), abs=0.015)
+    assert np.std(ours) == pytest.approx(np.std(ref), abs=0.015)
+    assert np.mean(ref) > 0.2  # two passes: well above the 0.15 that one pass of unique voxels masks on average
+
+
+def test_cutout_boxes_noise_and_pastes():
     rng = np.random.RandomState(0)
-    volume = torch.full((1, 64, 64, 64), -5.0)  # a value noise in [0, 1] can never take
-    fractions = []
-    for _ in range(50):
-        masked, mask = cutout(volume, rng)
-        fraction = mask.float().mean().item()
-        fractions.append(fraction)
-        assert torch.equal(masked[0][~mask], volume[0][~mask])  # outside the boxes: untouched
-        if mask.any():
-            assert masked[0][mask].min() >= 0 and masked[0][mask].max() <= 1  # inside: noise in [0, 1]
-        # boxes are added until the drawn fraction (at most 0.3) is reached; the last box may overshoot by one box
-        assert fraction <= 0.3 + 0.25**3 + 1e-6
-    assert min(fractions) < 0.1 < 0.2 < max(fractions)  # the target fraction is drawn, not fixed
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        volume = torch.full((2, 64, 64, 64), -5.0)  # a value the scaled noise can never take
+        drop_boxes(volume, rng, max_fraction=1e-6, generator=generator)  # the first box already reaches the goal
+        box = volume != -5.0
+        values = volume[box]
+        # one box over both channels, sides in [3, 16) voxels (5 % and 25 % of 64), noise min-max scaled to [0, 1]
+        nonzero = box[0].nonzero()
+        sides = nonzero.max(0).values - nonzero.min(0).values + 1
+        assert int(box[0].sum()) == int(sides.prod()) and bool((sides >= 1).all()) and bool((sides < 16).all())
+        assert torch.equal(box[0], box[1])
+        assert float(values.min()) == 0.0 and float(values.max()) == 1.0
+    # normal, not uniform, noise: most of it lies in the middle half of [0, 1]
+    volume = torch.full((1, 64, 64, 64), -5.0)
+    drop_boxes(volume, rng, max_fraction=0.3, generator=generator)
+    noise = volume[volume != -5.0]
+    assert ((noise > 0.25) & (noise < 0.75)).float().mean() > 0.8
+    # the second pass pastes the donor's voxels where it draws its boxes
+    volume, donor = torch.zeros(1, 64, 64, 64), torch.ones(1, 64, 64, 64)
+    drop_boxes(volume, rng, donor, max_fraction=0.3)
+    assert set(volume.unique().tolist()) <= {0.0, 1.0} and volume.mean() > 0
 
 
 def test_views_have_their_labels_and_targets():
@@ -72,8 +130,6 @@ def test_views_have_their_labels_and_targets():
             k = int(out[f"rotation{i}"])
             seen.add(k)
             assert torch.equal(out[f"target{i}"], rotate(crop, k))  # the target is the rotated, unmasked crop
-            changed = out[f"image{i}"] != out[f"target{i}"]
-            assert changed.float().mean() <= 0.32
     assert seen == {0, 1, 2, 3}
 
 
@@ -99,15 +155,19 @@ def test_loss_on_known_inputs():
 def test_network_heads_and_batch_layout():
     net = SSLHead(feature_size=12)
     batch = {
-        "image1": torch.rand(2, 1, 64, 64, 64),
-        "image2": torch.rand(2, 1, 64, 64, 64),
         "target1": torch.rand(2, 1, 64, 64, 64),
         "target2": torch.rand(2, 1, 64, 64, 64),
         "rotation1": torch.tensor([0, 1]),
         "rotation2": torch.tensor([2, 3]),
     }
-    inputs, targets = prepare_ssl_batch(batch)
+    prepare = SSLBatch().set_random_state(seed=0)
+    inputs, targets = prepare(batch)
     assert inputs.shape == (4, 1, 64, 64, 64) and targets["rotation"].tolist() == [0, 1, 2, 3]
+    assert torch.equal(targets["reconstruction"], torch.cat([batch["target1"], batch["target2"]]))
+    # each view batch is masked on its own: a view only takes boxes from its own view's crops or noise
+    masked = inputs != targets["reconstruction"]
+    assert 0 < masked.float().mean() < 0.9
+    assert torch.equal(prepare.set_random_state(seed=0)(batch)[0], inputs)  # seeded: the same masks again
     out = net(inputs)
     assert out["rotation"].shape == (4, 4)
     assert out["contrastive"].shape == (4, 512)
