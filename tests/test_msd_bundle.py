@@ -279,6 +279,8 @@ def test_torchrun_two_cpu_processes_multichannel(tmp_path):
         **{"train#trainer#max_epochs": 1, "val_interval": 1},
     )
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "latest.pt").is_file()
+    latest = torch.load(tmp_path / "models" / "latest.pt", weights_only=False)
+    assert latest["lr_scheduler"]["base_lrs"] == [1e-4]  # not scaled by the number of processes
 
 
 @pytest.mark.parametrize(
