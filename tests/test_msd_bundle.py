@@ -241,6 +241,13 @@ def test_evaluate_brain_tumour_regions_per_case_and_summary(tmp_path):
     (prediction,) = (tmp_path / "eval" / "predictions").iterdir()
     values = set(np.unique(np.asarray(nib.load(prediction).dataobj)).tolist())
     assert values <= {0, 1, 2, 3}  # written back as MSD labels, not regions
+    # scored on the original grid: the written label map against the label file, both as TC / WT / ET regions
+    pred = np.asarray(nib.load(prediction).dataobj)
+    (case,) = report["per_case"].values()
+    label = np.asarray(nib.load(dataset / "labelsTr" / prediction.name.replace("_seg", "")).dataobj)
+    for name, values in task_settings(task, TASKS_FILE)["regions"].items():
+        p, g = np.isin(pred, values), np.isin(label, values)
+        assert case["dice"][name] == pytest.approx(2 * (p & g).sum() / (p.sum() + g.sum()), abs=1e-5)
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1  # regions drawn too
 
 

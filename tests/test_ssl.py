@@ -314,6 +314,8 @@ def test_metadata_and_properties(tmp_path):
     parser = workflow.parser
     assert parser["hu_window"] == [-1000, 1000] and parser["temperature"] == 0.5
     assert parser["learning_rate"] == 4e-4 and parser["warmup_steps"] == 500
+    # the reference's defaults: --batch_size 2 volumes x --sw_batch_size 2 crops per GPU, no gradient clipping
+    assert parser["batch_size"] * parser["num_samples"] == 4 and parser["grad_clip"] == 0
 
 
 def test_torchrun_two_cpu_processes(unlabeled_ct, tmp_path):
