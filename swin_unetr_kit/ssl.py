@@ -10,8 +10,8 @@ is here:
 * :func:`rotate` and :class:`SSLViewsd`: two independently rotated views of each crop; :func:`cutout` and
   :class:`SSLBatch`: their masking per batch, as the reference's ``aug_rand`` (noise boxes, then boxes pasted from
   another crop of the batch);
-* :class:`SSLLoss`: rotation cross-entropy + NT-Xent contrastive + L1 reconstruction, each weighted and logged, with
-  the contrastive negatives gathered across processes under ``torch.distributed``.
+* :class:`SSLLoss`: rotation cross-entropy + NT-Xent contrastive + L1 reconstruction, each weighted and logged; the
+  contrastive negatives are each process's own batch, as in the reference, or, on request, gathered across processes.
 """
 
 from __future__ import annotations
@@ -237,11 +237,12 @@ class SSLLoss(nn.Module):
     """λ_rot · CE(rotation) + λ_con · NT-Xent(view 1, view 2) + λ_rec · L1(reconstruction, unmasked rotated crop).
 
     Predictions come from :class:`SSLHead` on the batch of :class:`SSLBatch` (view 1 rows, then view 2 rows).
-    Under ``torch.distributed`` the contrastive term sees the embeddings of every process as negatives (the
-    reference code used only the local batch; a global batch is what SimCLR-style losses assume, and it makes the loss
-    independent of how a batch is split across GPUs). Every process then computes the same global loss; the gather's
-    backward sums the processes' gradients for each one's rows, and DDP's gradient averaging turns that sum back into
-    the global loss's gradient. The terms of the last call are in :attr:`terms`, for logging.
+    Under ``torch.distributed`` the contrastive term contrasts each process's own batch, as the reference code does
+    (DDP then averages the processes' gradients). With ``gather_negatives`` it sees the embeddings of every process
+    as negatives instead, which makes the loss independent of how a batch is split across GPUs: every process
+    computes the same global loss, the gather's backward sums the processes' gradients for each one's rows, and
+    DDP's averaging turns that sum back into the global loss's gradient. With one process both are the same.
+    The terms of the last call are in :attr:`terms`, for logging.
     """
 
     def __init__(
@@ -250,6 +251,7 @@ class SSLLoss(nn.Module):
         contrastive_weight: float = 1.0,
         reconstruction_weight: float = 1.0,
         temperature: float = 0.5,
+        gather_negatives: bool = False,
     ) -> None:
         super().__init__()
         self.weights = {
@@ -258,13 +260,14 @@ class SSLLoss(nn.Module):
             "reconstruction": reconstruction_weight,
         }
         self.contrastive = ContrastiveLoss(temperature=temperature)
+        self.gather_negatives = gather_negatives
         self.terms: dict[str, float] = {}
 
     def compute_terms(
         self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The unweighted loss terms, and the rotation accuracy (no gradient)."""
-        return ssl_terms(pred, target, self.contrastive)
+        return ssl_terms(pred, target, self.contrastive, self.gather_negatives)
 
     def forward(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         terms = self.compute_terms(pred, target)
@@ -275,15 +278,20 @@ class SSLLoss(nn.Module):
 
 
 def ssl_terms(
-    pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], contrastive: nn.Module
+    pred: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    contrastive: nn.Module,
+    gather_negatives: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The three unweighted loss terms, and the rotation accuracy (no gradient)."""
+    """The three unweighted loss terms, and the rotation accuracy (no gradient); the contrastive term over this
+    process's rows, or over every process's with ``gather_negatives``."""
     half = pred["contrastive"].shape[0] // 2
     z = F.normalize(pred["contrastive"].float(), dim=1)
+    z1, z2 = (gather_rows(z[:half]), gather_rows(z[half:])) if gather_negatives else (z[:half], z[half:])
     rotation = F.cross_entropy(pred["rotation"].float(), target["rotation"])
     return {
         "rotation": rotation,
-        "contrastive": contrastive(gather_rows(z[:half]), gather_rows(z[half:])),
+        "contrastive": contrastive(z1, z2),
         "reconstruction": F.l1_loss(pred["reconstruction"].float(), target["reconstruction"].float()),
         "rotation_accuracy": (pred["rotation"].argmax(1) == target["rotation"]).float().mean().detach(),
     }
