@@ -13,11 +13,13 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from monai.config import KeysCollection
 from monai.metrics import HausdorffDistanceMetric
+from monai.transforms import LoadImage, MapTransform
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,25 @@ class OrganHausdorffDistance95(HausdorffDistanceMetric):
             hd = torch.where(missed, torch.linalg.norm(extent).to(hd), hd)
             rows.append(torch.where(absent, torch.full_like(hd, float("nan")), hd))
         return torch.stack(rows)
+
+
+class OriginalLabeld(MapTransform):
+    """Load each key's label again from the file it came from (``meta["filename_or_obj"]``), as it is on disk, into
+    ``<key>_original_geometry``: the grid that the reference test script scores on (it resamples the prediction back
+    to the original label's shape), where the training grid's resampling has not changed small organs."""
+
+    def __init__(self, keys: KeysCollection = "label", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImage(image_only=True, ensure_channel_first=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = getattr(d[key], "meta", {}).get("filename_or_obj")
+            if not path:
+                raise ValueError(f"'{key}' has no source file in its metadata: cannot score on the original grid")
+            d[f"{key}_original_geometry"] = self.loader(path)
+        return d
 
 
 def _read_csv(path: Path) -> list[list[str]]:

@@ -1,5 +1,6 @@
 """The Medical Segmentation Decathlon tasks as data: the task table, k-fold and label-fraction splits, per-task
-intensity normalisation, and the BrainTumour label <-> nested-region conversion.
+intensity normalisation, training recipe and schedule, the SSL initialisation decision, and the BrainTumour label <->
+nested-region conversion.
 
 The table itself lives in the MSD bundle (``configs/tasks.json``); this module reads it, derives what the configs need
 (output channels, class names) and checks a data set's own ``dataset.json`` against it.
@@ -9,18 +10,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, NormalizeIntensityd, ScaleIntensityRanged
+from monai.transforms import (
+    MapTransform,
+    NormalizeIntensityd,
+    RandCropByLabelClassesd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+)
 from monai.utils import convert_to_dst_type
 
 from swin_unetr_kit.data import DataError, build_datalist, check_cases, seeded_order
 
 logger = logging.getLogger(__name__)
+
+
+# the BTCV reference's fine-tuning recipe, used by every task whose table entry has no ``recipe`` of its own
+BTCV_RECIPE = {
+    "ce_weight": 1.0,  # DiceCE; 0 is the Dice loss alone
+    "crop": "label_classes",  # crop centres drawn per label class (``crop_ratios``); "random": anywhere
+    "num_samples": 4,
+    "flip_prob": 0.2,
+    "rotate90_prob": 0.2,
+    "intensity_prob": 0.1,
+}
 
 
 class UnknownTaskError(ValueError):
@@ -47,6 +66,7 @@ def task_settings(task: str, tasks_file: str | os.PathLike) -> dict:
     if task not in table:
         raise UnknownTaskError(f"unknown MSD task '{task}'; choose one of: {', '.join(table)}")
     settings = dict(table[task], task=task)
+    settings["recipe"] = {**BTCV_RECIPE, **settings.get("recipe", {})}
     labels = settings["labels"]
     if sorted(int(k) for k in labels) != list(range(len(labels))):
         raise ValueError(f"{tasks_file}: {task} labels must be numbered 0..{len(labels) - 1}, found {list(labels)}")
@@ -59,6 +79,66 @@ def task_settings(task: str, tasks_file: str | os.PathLike) -> dict:
     if regions:
         region_label_values(regions)  # fails early on regions that cannot be turned back into labels
     return settings
+
+
+def max_epochs(settings: Mapping, num_training_cases: int) -> int:
+    """Epochs of the task's ``schedule``: its ``epochs``, or its ``iterations`` (one case per iteration, as both
+    references train at batch size 1) divided by the training cases, so that small tasks get more epochs and large ones
+    fewer rather than one epoch count for all."""
+    schedule = settings["schedule"]
+    if "epochs" in schedule:
+        epochs = int(schedule["epochs"])
+        rule = "the task's epochs"
+    else:
+        epochs = max(1, math.ceil(schedule["iterations"] / max(1, num_training_cases)))
+        rule = f"{schedule['iterations']} iterations / {num_training_cases} training cases"
+    logger.info("%s: %d epochs (%s)", settings["task"], epochs, rule)
+    return epochs
+
+
+def ssl_checkpoint(settings: Mapping, pretrained_ckpt: str | None, ssl_init: bool) -> str | None:
+    """The encoder checkpoint to initialise ``settings``' task from, following the table's ``ssl_init`` column (the
+    paper fine-tuned its CT tasks from the SSL encoder, pre-trained on CT, and trained the MRI tasks from scratch).
+
+    A checkpoint given for a task where ``ssl_init`` is false is not loaded, with a warning saying so (``ssl_init``
+    true overrides); a task where it is true but no checkpoint was given starts from scratch, with a note saying how
+    to do as the paper did.
+    """
+    task = settings["task"]
+    if pretrained_ckpt and not ssl_init:
+        logger.warning(
+            "%s: NOT loading %s: the paper trained this task from scratch (ssl_init false in tasks.json; the SSL "
+            "encoder was pre-trained on CT); --ssl_init true loads it anyway",
+            task,
+            pretrained_ckpt,
+        )
+        return None
+    if not pretrained_ckpt and ssl_init:
+        logger.info(
+            "%s: no --pretrained_ckpt; the paper initialised this task from the SSL encoder (ssl_init true in "
+            "tasks.json): --pretrained_ckpt model_swinvit.pt --legacy_patch_merging true does the same",
+            task,
+        )
+    return pretrained_ckpt or None
+
+
+def crop_transform(
+    settings: Mapping, roi_size: Sequence[int], num_samples: int, ratios: Sequence[float] | None = None
+) -> MapTransform:
+    """The training crop of the task's recipe: centres drawn per label class with ``ratios`` (BTCV recipe), or
+    anywhere in the foreground-cropped volume (the BRATS21 recipe's random crop)."""
+    keys = ["image", "label"]
+    if settings["recipe"]["crop"] == "random":
+        return RandSpatialCropSamplesd(keys, roi_size=roi_size, num_samples=num_samples, random_size=False)
+    return RandCropByLabelClassesd(
+        keys,
+        label_key="label",
+        spatial_size=roi_size,
+        num_classes=settings["num_labels"],
+        ratios=ratios,
+        num_samples=num_samples,
+        warn=False,
+    )
 
 
 def channel_def(settings: Mapping) -> dict[str, str]:

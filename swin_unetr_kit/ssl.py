@@ -7,17 +7,21 @@ is here:
 * :class:`SSLHead`: the encoder under the attribute name ``swinViT``, so its state dict keys are those of
   ``SwinUNETR`` and the checkpoint loads into the segmentation bundles as it is; with a rotation classifier (4 classes)
   and a contrastive projection (512-d) on two bottleneck tokens, and a convolutional decoder back to the input size;
-* :func:`rotate`, :func:`cutout` and :class:`SSLViewsd`: two independently rotated and masked views of each crop;
-* :class:`SSLLoss`: rotation cross-entropy + NT-Xent contrastive + L1 reconstruction, each weighted and logged, with
-  the contrastive negatives gathered across processes under ``torch.distributed``;
-* :class:`SSLPredictor` and :class:`SSLPredictionWriter`: the inference workflow's network and its output, showing
-  what pre-training learned (a masked, rotated view, its reconstruction and the predicted rotation).
+* :func:`rotate` and :class:`SSLViewsd`: two independently rotated views of each crop; :func:`cutout` and
+  :class:`SSLBatch`: their masking per batch, as the reference's ``aug_rand`` (noise boxes, then boxes pasted from
+  another crop of the batch);
+* :class:`SSLLoss`: rotation cross-entropy + NT-Xent contrastive + L1 reconstruction, each weighted and logged; the
+  contrastive negatives are each process's own batch, as in the reference, or, on request, gathered across processes;
+* :class:`SSLPredictor`, :class:`SSLFirstViewBatch` and :class:`SSLPredictionWriter`: the inference workflow's network,
+  input and output, showing what pre-training learned (a masked, rotated view, its reconstruction and the predicted
+  rotation).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from ignite.metrics import Average
 from matplotlib.figure import Figure
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.engines.utils import IterationEvents
+from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.losses import ContrastiveLoss
 from monai.networks.nets.swin_unetr import SwinTransformer
 from monai.transforms import MapTransform, Randomizable, SaveImage
@@ -132,51 +136,70 @@ def rotate(volume: torch.Tensor, k: int, plane: tuple[int, int] = ROTATION_PLANE
     return torch.rot90(volume, k, plane)
 
 
-def cutout(
+def drop_boxes(
     volume: torch.Tensor,
+    rng: np.random.RandomState,
+    donor: torch.Tensor | None = None,
+    max_fraction: float = 0.3,
+    box_fraction: tuple[float, float] = (0.05, 0.25),
+    generator: torch.Generator | None = None,
+) -> None:
+    """One pass of the reference's masked-volume inpainting (``patch_rand_drop``), in place on ``volume`` ([C, X, Y,
+    Z]): random boxes until their summed volumes (overlaps counted again) reach a fraction of the voxels drawn
+    uniformly in [0, ``max_fraction``].
+
+    A box starts anywhere but the last ``box_fraction[0]`` of each dimension, its sides are drawn in
+    [``box_fraction[0]``, ``box_fraction[1]``) of the dimension and cut at the border. It is filled with
+    standard-normal noise min-max scaled to [0, 1] over the box, or, when ``donor`` is given, with ``donor``'s voxels
+    at the same place.
+    """
+    spatial = volume.shape[1:]
+    lows = [max(1, int(box_fraction[0] * s)) for s in spatial]
+    highs = [max(low + 1, int(box_fraction[1] * s)) for low, s in zip(lows, spatial, strict=True)]
+    target = rng.uniform(0.0, max_fraction) * math.prod(spatial)
+    covered = 0
+    while covered < target:
+        starts = [rng.randint(0, s - low) for s, low in zip(spatial, lows, strict=True)]
+        ends = [
+            min(start + rng.randint(low, high), s)
+            for start, low, high, s in zip(starts, lows, highs, spatial, strict=True)
+        ]
+        box = (slice(None), *(slice(a, b) for a, b in zip(starts, ends, strict=True)))
+        if donor is None:
+            shape = (volume.shape[0], *(b - a for a, b in zip(starts, ends, strict=True)))
+            noise = torch.randn(shape, generator=generator, device=volume.device, dtype=torch.float32)
+            volume[box] = ((noise - noise.min()) / (noise.max() - noise.min()).clamp_min(1e-12)).to(volume.dtype)
+        else:
+            volume[box] = donor[box]
+        covered += math.prod(b - a for a, b in zip(starts, ends, strict=True))
+
+
+def cutout(
+    views: torch.Tensor,
     rng: np.random.RandomState,
     max_fraction: float = 0.3,
     box_fraction: tuple[float, float] = (0.05, 0.25),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked volume inpainting input: random boxes of noise in [0, 1] until a drawn fraction of voxels is covered.
-
-    The target fraction is drawn uniformly in [0, ``max_fraction``]; box sides are ``box_fraction`` of each dimension.
-
-    Returns:
-        the masked copy of ``volume`` ([C, X, Y, Z]) and the boolean mask of replaced voxels ([X, Y, Z]).
-    """
-    spatial = volume.shape[1:]
-    mask = torch.zeros(spatial, dtype=torch.bool)
-    target = rng.uniform(0.0, max_fraction) * mask.numel()
-    masked = volume.clone()
-    while mask.sum() < target:
-        size = [max(1, int(round(rng.uniform(*box_fraction) * s))) for s in spatial]
-        start = [rng.randint(0, s - b + 1) for s, b in zip(spatial, size, strict=True)]
-        box = tuple(slice(o, o + b) for o, b in zip(start, size, strict=True))
-        mask[box] = True
-        noise = torch.from_numpy(rng.uniform(0.0, 1.0, (volume.shape[0], *size))).to(volume.dtype)
-        masked[(slice(None), *box)] = noise
-    return masked, mask
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The reference's masking of a batch of views ([B, C, X, Y, Z], ``aug_rand``), on a copy: each view in turn gets
+    a pass of noise boxes (:func:`drop_boxes`), then, unless the draw is the view itself, a pass of boxes pasted from
+    a view of the batch drawn at random, in the state it has at that moment (already masked if it came earlier)."""
+    masked = views.detach().clone()
+    for i in range(masked.shape[0]):
+        drop_boxes(masked[i], rng, None, max_fraction, box_fraction, generator)
+        other = int(rng.randint(0, masked.shape[0]))
+        if other != i:
+            drop_boxes(masked[i], rng, masked[other], max_fraction, box_fraction, generator)
+    return masked
 
 
 class SSLViewsd(Randomizable, MapTransform):
-    """Two views of each crop for the three proxy tasks.
+    """The rotations of the two views of each crop: for view ``i`` in (1, 2), ``target{i}`` is the crop turned by a
+    random quarter turn (the reconstruction target) and ``rotation{i}`` the number of turns (0-3). The views are
+    masked per batch, by :class:`SSLBatch`, since the masking pastes boxes from other crops of the batch."""
 
-    For view ``i`` in (1, 2): ``image{i}`` is the crop rotated by a random quarter turn and then masked by
-    :func:`cutout`; ``target{i}`` is the rotated crop before masking (the reconstruction target); ``rotation{i}`` is
-    the rotation class (0-3).
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection = "image",
-        max_mask_fraction: float = 0.3,
-        box_fraction: Sequence[float] = (0.05, 0.25),
-        plane: Sequence[int] = ROTATION_PLANE,
-    ) -> None:
+    def __init__(self, keys: KeysCollection = "image", plane: Sequence[int] = ROTATION_PLANE) -> None:
         MapTransform.__init__(self, keys)
-        self.max_mask_fraction = max_mask_fraction
-        self.box_fraction = (float(box_fraction[0]), float(box_fraction[1]))
         self.plane = (int(plane[0]), int(plane[1]))
 
     def randomize(self, data: object = None) -> None:
@@ -188,27 +211,44 @@ class SSLViewsd(Randomizable, MapTransform):
         for key in self.key_iterator(d):
             crop = torch.as_tensor(d[key]).float()
             for i, k in enumerate(self.rotations, start=1):
-                target = rotate(crop, k, self.plane)
-                d[f"{key}{i}"], _ = cutout(target, self.R, self.max_mask_fraction, self.box_fraction)
-                d[f"target{i}"] = target
+                d[f"target{i}"] = rotate(crop, k, self.plane)
                 d[f"rotation{i}"] = torch.tensor(k)
         return d
 
 
-def prepare_first_view(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` for inference: view 1 of :class:`SSLViewsd` as the input, no label."""
-    return torch.as_tensor(batchdata["image1"]).to(device=device, non_blocking=non_blocking), None
+class SSLBatch(Randomizable, PrepareBatch):
+    """``prepare_batch`` for MONAI's trainers: the two views of :class:`SSLViewsd` masked on the device by
+    :func:`cutout` (each view batch on its own, as the reference masks ``x1`` and ``x2``) and stacked as one batch
+    (view 1 rows, then view 2 rows), with the unmasked rotated crops and the rotation classes as the label.
 
+    Its random state is drawn from NumPy's global one at the first batch (so ``set_determinism`` and a per-process
+    seed decide it) unless :meth:`set_random_state` was called.
+    """
 
-def prepare_ssl_batch(batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs):
-    """``prepare_batch`` for MONAI's trainers: both views stacked as one batch, their targets as the label."""
+    def __init__(self, max_mask_fraction: float = 0.3, box_fraction: Sequence[float] = (0.05, 0.25)) -> None:
+        self.max_mask_fraction = max_mask_fraction
+        self.box_fraction = (float(box_fraction[0]), float(box_fraction[1]))
+        self.R: np.random.RandomState | None = None  # type: ignore[assignment]
 
-    def stack(key: str) -> torch.Tensor:
-        return torch.cat([batchdata[f"{key}1"], batchdata[f"{key}2"]]).to(device=device, non_blocking=non_blocking)
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> SSLBatch:
+        if seed is None and state is None:
+            seed = int(np.random.randint(0, 2**31))
+        return Randomizable.set_random_state(self, seed, state)
 
-    inputs = stack("image")
-    targets = {"reconstruction": stack("target"), "rotation": stack("rotation").long()}
-    return torch.as_tensor(inputs), {k: torch.as_tensor(v) for k, v in targets.items()}
+    def __call__(
+        self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.R is None:
+            self.set_random_state()
+        generator = torch.Generator(device=device or "cpu")
+        generator.manual_seed(int(self.R.randint(0, 2**31)))
+        inputs, targets, rotations = [], [], []
+        for i in (1, 2):
+            target = torch.as_tensor(batchdata[f"target{i}"]).to(device=device, non_blocking=non_blocking)
+            inputs.append(cutout(target, self.R, self.max_mask_fraction, self.box_fraction, generator))
+            targets.append(target)
+            rotations.append(torch.as_tensor(batchdata[f"rotation{i}"]).to(device=device, non_blocking=non_blocking))
+        return torch.cat(inputs), {"reconstruction": torch.cat(targets), "rotation": torch.cat(rotations).long()}
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -220,15 +260,27 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()))
 
 
+class SSLFirstViewBatch(SSLBatch):
+    """``prepare_batch`` for inference: view 1 of :class:`SSLViewsd`, masked as training masks it
+    (:class:`SSLBatch`), as the input; no label."""
+
+    def __call__(
+        self, batchdata: dict, device: torch.device | str | None = None, non_blocking: bool = False, **kwargs
+    ) -> tuple[torch.Tensor, None]:
+        inputs, _ = super().__call__(batchdata, device, non_blocking, **kwargs)
+        return inputs[: inputs.shape[0] // 2], None
+
+
 class SSLLoss(nn.Module):
     """λ_rot · CE(rotation) + λ_con · NT-Xent(view 1, view 2) + λ_rec · L1(reconstruction, unmasked rotated crop).
 
-    Predictions come from :class:`SSLHead` on the batch of :func:`prepare_ssl_batch` (view 1 rows, then view 2 rows).
-    Under ``torch.distributed`` the contrastive term sees the embeddings of every process as negatives (the
-    reference code used only the local batch; a global batch is what SimCLR-style losses assume, and it makes the loss
-    independent of how a batch is split across GPUs). Every process then computes the same global loss; the gather's
-    backward sums the processes' gradients for each one's rows, and DDP's gradient averaging turns that sum back into
-    the global loss's gradient. The terms of the last call are in :attr:`terms`, for logging.
+    Predictions come from :class:`SSLHead` on the batch of :class:`SSLBatch` (view 1 rows, then view 2 rows).
+    Under ``torch.distributed`` the contrastive term contrasts each process's own batch, as the reference code does
+    (DDP then averages the processes' gradients). With ``gather_negatives`` it sees the embeddings of every process
+    as negatives instead, which makes the loss independent of how a batch is split across GPUs: every process
+    computes the same global loss, the gather's backward sums the processes' gradients for each one's rows, and
+    DDP's averaging turns that sum back into the global loss's gradient. With one process both are the same.
+    The terms of the last call are in :attr:`terms`, for logging.
     """
 
     def __init__(
@@ -237,6 +289,7 @@ class SSLLoss(nn.Module):
         contrastive_weight: float = 1.0,
         reconstruction_weight: float = 1.0,
         temperature: float = 0.5,
+        gather_negatives: bool = False,
     ) -> None:
         super().__init__()
         self.weights = {
@@ -245,13 +298,14 @@ class SSLLoss(nn.Module):
             "reconstruction": reconstruction_weight,
         }
         self.contrastive = ContrastiveLoss(temperature=temperature)
+        self.gather_negatives = gather_negatives
         self.terms: dict[str, float] = {}
 
     def compute_terms(
         self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The unweighted loss terms, and the rotation accuracy (no gradient)."""
-        return ssl_terms(pred, target, self.contrastive)
+        return ssl_terms(pred, target, self.contrastive, self.gather_negatives)
 
     def forward(self, pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> torch.Tensor:
         terms = self.compute_terms(pred, target)
@@ -262,15 +316,20 @@ class SSLLoss(nn.Module):
 
 
 def ssl_terms(
-    pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], contrastive: nn.Module
+    pred: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    contrastive: nn.Module,
+    gather_negatives: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The three unweighted loss terms, and the rotation accuracy (no gradient)."""
+    """The three unweighted loss terms, and the rotation accuracy (no gradient); the contrastive term over this
+    process's rows, or over every process's with ``gather_negatives``."""
     half = pred["contrastive"].shape[0] // 2
     z = F.normalize(pred["contrastive"].float(), dim=1)
+    z1, z2 = (gather_rows(z[:half]), gather_rows(z[half:])) if gather_negatives else (z[:half], z[half:])
     rotation = F.cross_entropy(pred["rotation"].float(), target["rotation"])
     return {
         "rotation": rotation,
-        "contrastive": contrastive(gather_rows(z[:half]), gather_rows(z[half:])),
+        "contrastive": contrastive(z1, z2),
         "reconstruction": F.l1_loss(pred["reconstruction"].float(), target["reconstruction"].float()),
         "rotation_accuracy": (pred["rotation"].argmax(1) == target["rotation"]).float().mean().detach(),
     }
@@ -348,8 +407,9 @@ class SSLPredictionWriter:
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        view, target, pred = d["image1"], d["target1"], torch.as_tensor(d["pred"]).detach().cpu().float()
-        meta = dict(getattr(view, "meta", {}))
+        # "image" is the network's input (the masked view 1 of :class:`SSLFirstViewBatch`), "target1" the unmasked one
+        view, target, pred = d["image"], d["target1"], torch.as_tensor(d["pred"]).detach().cpu().float()
+        meta = dict(getattr(target, "meta", {}))
         source = str(meta.get("filename_or_obj", "case"))
         name = Path(source.rstrip("/")).name.split(".")[0] or "case"
         volumes = {

@@ -8,8 +8,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BTCV_BUNDLE, SCHEMA, SMALL, configs, run_workflow
+from conftest import BTCV_BUNDLE, SCHEMA, SMALL, configs, run_workflow, write_ct_case
 from monai.bundle import ConfigWorkflow, verify_net_in_out
+from monai.losses import DiceCELoss
 
 
 def test_metadata_is_valid_against_monai_schema():
@@ -46,6 +47,21 @@ def test_paper_defaults_and_overrides():
     assert parser["learning_rate"] == 1e-4 and parser["weight_decay"] == 1e-5
     net = parser.get_parsed_content("network_def")
     assert net.swinViT.embed_dim == 24  # the override reached the network
+
+
+def test_default_loss_is_the_reference_plain_dice_ce():
+    """The reference's default loss is ``DiceCELoss(to_onehot_y=True, softmax=True)``; squared Dice (with its
+    smoothing 0 / 1e-6) is its ``--squared_dice`` option, here ``--squared_dice true``."""
+    torch.manual_seed(0)
+    logits, label = torch.randn(2, 14, 8, 8, 8), torch.randint(0, 14, (2, 1, 8, 8, 8))
+    plain = DiceCELoss(to_onehot_y=True, softmax=True)(logits, label)
+    squared = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-6)
+    for override, expected in (({}, plain), ({"squared_dice": True}, squared(logits, label))):
+        loss = ConfigWorkflow(
+            config_file=configs("train"), workflow_type="train", **override
+        ).parser.get_parsed_content("loss")
+        torch.testing.assert_close(loss(logits, label), expected)
+    assert not torch.isclose(plain, squared(logits, label))
 
 
 def test_verify_net_in_out():
@@ -94,6 +110,64 @@ def test_train_evaluate_infer_on_synthetic_cases(synthetic_dataset, tmp_path):
     assert out.shape == src.shape
     np.testing.assert_allclose(out.affine, src.affine, atol=1e-4)
     assert set(np.unique(np.asarray(out.dataobj))) <= set(range(14))
+
+
+class _IntensityClassifier(torch.nn.Module):
+    """Labels each voxel by its scaled intensity: organ ``o`` of :func:`write_ct_case` has HU -150 + 25 o, i.e.
+    (25 + 25 o) / 425 after the -175..250 window; background where no organ's value is within about 0.03."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.centres = torch.nn.Parameter(
+            torch.tensor([(25 + 25 * o) / 425 for o in range(1, 14)]).view(1, 13, 1, 1, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        organs = -(((x - self.centres) / 0.02) ** 2)
+        return torch.cat([torch.full_like(x, -2.25), organs], 1)
+
+
+def test_evaluation_scores_on_the_original_label_grid(tmp_path):
+    """Cases at 2 mm evaluated by a network working at 3 mm: Dice and HD95 are those of the saved prediction (on the
+    original grid) against the label file, as the reference test script scores, not those of the 3 mm grid."""
+    data = tmp_path / "data"
+    cases = [write_ct_case(data, f"fine{i}", spacing=2.0, seed=40 + i) for i in range(2)]
+    (data / "dataset_0.json").write_text(json.dumps({"training": cases[:1], "validation": cases}))
+    small = {k: v for k, v in SMALL.items() if not k.startswith("network_def")}
+    common = {**small, "bundle_root": str(tmp_path / "run"), "dataset_dir": str(data), "num_overlays": 0}
+    workflow = ConfigWorkflow(
+        config_file=configs("train", "evaluate"), workflow_type="infer", network_def=_IntensityClassifier(), **common
+    )
+    workflow.initialize()
+    (tmp_path / "run" / "models").mkdir(parents=True)
+    torch.save(workflow.parser.get_parsed_content("network").state_dict(), tmp_path / "run" / "models" / "model.pt")
+    workflow.run()
+    workflow.finalize()
+    report = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    organs = [
+        name
+        for _, name in sorted(
+            workflow.parser["_meta_"]["network_data_format"]["outputs"]["pred"]["channel_def"].items(),
+            key=lambda kv: int(kv[0]),
+        )
+    ][1:]
+    scored = 0
+    for case in cases:
+        label = np.asarray(nib.load(case["label"]).dataobj)
+        name = case["image"].split("/")[-1].replace(".nii.gz", "_seg.nii.gz")
+        pred = np.asarray(nib.load(tmp_path / "run" / "eval" / "predictions" / name).dataobj)
+        assert pred.shape == label.shape  # the prediction lies on the label's own 2 mm grid
+        key = next(k for k in report["per_case"] if case["image"].split("/")[-1].split(".")[0] in k)
+        for organ, name in enumerate(organs, start=1):
+            reported = report["per_case"][key]["dice"][name]
+            if not (label == organ).any():
+                assert reported is None  # absent organs are left out (the reference scores them 0)
+                continue
+            # the reference test script's dice(): 2 |P ∩ G| / (|P| + |G|) on the original grid
+            expected = 2 * ((pred == organ) & (label == organ)).sum() / ((pred == organ).sum() + (label == organ).sum())
+            assert reported == pytest.approx(expected, abs=1e-5)
+            scored += 1
+    assert scored >= 13
 
 
 def test_resume_continues_epochs_and_best_metric(synthetic_dataset, tmp_path):

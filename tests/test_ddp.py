@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from conftest import SMALL, configs, torchrun_bundle
 
 
@@ -18,3 +19,6 @@ def test_torchrun_two_cpu_processes(synthetic_dataset, tmp_path):
     assert (tmp_path / "models" / "latest.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
     assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 2  # rank 0 only: train and validate
     assert log.count("Epoch: 2/2") == 1  # the loss is logged once, by rank 0
+    # two processes train at the learning rate of one, as the reference and the model zoo do (no scaling by 2)
+    latest = torch.load(tmp_path / "models" / "latest.pt", weights_only=False)
+    assert latest["lr_scheduler"]["base_lrs"] == [1e-4]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import jsonschema
 import nibabel as nib
@@ -12,6 +13,8 @@ import pytest
 import torch
 from conftest import REPO, SCHEMA, SMALL, run_workflow, torchrun_bundle, write_msd_task
 from monai.bundle import ConfigWorkflow, verify_net_in_out
+from monai.losses import DiceCELoss, DiceLoss
+from monai.transforms import RandCropByLabelClassesd, RandFlipd, RandSpatialCropSamplesd
 
 from swin_unetr_kit.data import DataError
 from swin_unetr_kit.msd import (
@@ -21,6 +24,7 @@ from swin_unetr_kit.msd import (
     channel_def,
     keep_fraction,
     kfold_split,
+    max_epochs,
     task_metadata,
     task_settings,
 )
@@ -75,6 +79,40 @@ def test_the_ten_tasks():
     assert [t for t in TASKS if task_settings(t, TASKS_FILE)["ssl_init"]] == [
         t for t in TASKS if task_settings(t, TASKS_FILE)["modality"] == "CT"
     ]
+
+
+def test_schedule_scales_with_the_training_cases():
+    """Each task's epochs come from the table: the BTCV reference's 120,000 iterations (5000 epochs x 24 cases)
+    spread over the task's training cases, and BRATS21's 300 epochs for BrainTumour; not 5000 epochs for every task."""
+    spleen, brain = (task_settings(t, TASKS_FILE) for t in ("Task09_Spleen", "Task01_BrainTumour"))
+    assert max_epochs(spleen, 24) == 5000 and max_epochs(spleen, 33) == math.ceil(120000 / 33)
+    assert max_epochs(brain, 387) == 300
+    assert all("iterations" in task_settings(t, TASKS_FILE)["schedule"] for t in TASKS if t != "Task01_BrainTumour")
+
+
+def test_task_recipes_brain_tumour_follows_brats21(tmp_path):
+    dataset = write_msd_task(tmp_path / "data", "Task09_Spleen", task_settings("Task09_Spleen", TASKS_FILE), 5)
+    spleen = parse(msd_configs("train"), **outputs(tmp_path), task="Task09_Spleen", dataset_dir=str(dataset))
+    assert spleen.parser.get_parsed_content("train#trainer#max_epochs") == math.ceil(120000 / 4)  # 4 of 5 folds
+    brain = parse(msd_configs("train"), **outputs(tmp_path), task="Task01_BrainTumour")
+    torch.manual_seed(0)
+    logits, regions = torch.randn(2, 3, 8, 8, 8), (torch.rand(2, 3, 8, 8, 8) > 0.5).float()
+    # the BRATS21 reference: DiceLoss(to_onehot_y=False, sigmoid=True), no cross-entropy
+    torch.testing.assert_close(
+        brain.parser.get_parsed_content("loss")(logits, regions), DiceLoss(sigmoid=True)(logits, regions)
+    )
+    crop = brain.parser.get_parsed_content("train#random_transforms#1")
+    assert isinstance(crop, RandSpatialCropSamplesd) and crop.cropper.num_samples == 1  # one random 128^3 crop
+    flips = [t for t in brain.parser.get_parsed_content("train#random_transforms") if isinstance(t, RandFlipd)]
+    assert [t.prob for t in flips] == [0.5, 0.5, 0.5]
+    labels = torch.randint(0, 2, (2, 1, 8, 8, 8))
+    spleen_logits = torch.randn(2, 2, 8, 8, 8)
+    torch.testing.assert_close(
+        spleen.parser.get_parsed_content("loss")(spleen_logits, labels),
+        DiceCELoss(to_onehot_y=True, softmax=True)(spleen_logits, labels),
+    )
+    crop = spleen.parser.get_parsed_content("train#random_transforms#1")
+    assert isinstance(crop, RandCropByLabelClassesd) and crop.cropper.num_samples == 4
 
 
 def test_unknown_task_is_an_error_listing_the_ten(tmp_path):
@@ -204,6 +242,13 @@ def test_evaluate_brain_tumour_regions_per_case_and_summary(tmp_path):
     (prediction,) = (tmp_path / "eval" / "predictions").iterdir()
     values = set(np.unique(np.asarray(nib.load(prediction).dataobj)).tolist())
     assert values <= {0, 1, 2, 3}  # written back as MSD labels, not regions
+    # scored on the original grid: the written label map against the label file, both as TC / WT / ET regions
+    pred = np.asarray(nib.load(prediction).dataobj)
+    (case,) = report["per_case"].values()
+    label = np.asarray(nib.load(dataset / "labelsTr" / prediction.name.replace("_seg", "")).dataobj)
+    for name, values in task_settings(task, TASKS_FILE)["regions"].items():
+        p, g = np.isin(pred, values), np.isin(label, values)
+        assert case["dice"][name] == pytest.approx(2 * (p & g).sum() / (p.sum() + g.sum()), abs=1e-5)
     assert len(list((tmp_path / "eval" / "overlays").glob("*.png"))) == 1  # regions drawn too
 
 
@@ -227,12 +272,15 @@ class _Messages(logging.Handler):
 
 def _load_network(workflow: ConfigWorkflow) -> tuple[torch.nn.Module, str]:
     """The workflow's network and what the pretrained loader logged while building it."""
-    messages, logger = _Messages(), logging.getLogger("swin_unetr_kit.pretrained")
-    logger.addHandler(messages)
+    messages = _Messages()
+    loggers = [logging.getLogger(name) for name in ("swin_unetr_kit.pretrained", "swin_unetr_kit.msd")]
+    for logger in loggers:
+        logger.addHandler(messages)
     try:
         return workflow.parser.get_parsed_content("network"), messages.text
     finally:
-        logger.removeHandler(messages)
+        for logger in loggers:
+            logger.removeHandler(messages)
 
 
 def test_ssl_weights_into_a_ct_task_and_adapted_for_multichannel_mri(tmp_path):
@@ -243,13 +291,23 @@ def test_ssl_weights_into_a_ct_task_and_adapted_for_multichannel_mri(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in encoder.items()) and len(encoder) == 126
     assert "loaded 126 of 126 encoder tensors" in log
 
+    # the paper trained the MRI tasks from scratch (ssl_init false): the checkpoint is refused, with a warning
     network, log = _load_network(parse(msd_configs("train"), task="Task01_BrainTumour", **common))
+    assert "NOT loading" in log and "--ssl_init true loads it anyway" in log and "encoder tensors" not in log
+    assert not torch.equal(
+        network.swinViT.layers1[0].blocks[0].attn.qkv.weight, encoder["layers1.0.blocks.0.attn.qkv.weight"]
+    )
+    # and without a checkpoint a CT task says how to start as the paper did
+    _, log = _load_network(parse(msd_configs("train"), task="Task03_Liver", **{**common, "pretrained_ckpt": None}))
+    assert "the paper initialised this task from the SSL encoder" in log
+
+    network, log = _load_network(parse(msd_configs("train"), task="Task01_BrainTumour", ssl_init=True, **common))
     weight = network.swinViT.patch_embed.proj.weight
     assert weight.shape[1] == 4
     torch.testing.assert_close(weight.sum(1), encoder["patch_embed.proj.weight"].sum(1))
     assert "1 input channels, the network 4: patch embedding adapted" in log and "loaded 126 of 126" in log
 
-    workflow = parse(msd_configs("train"), task="Task01_BrainTumour", adapt_in_channels=False, **common)
+    workflow = parse(msd_configs("train"), task="Task01_BrainTumour", ssl_init=True, adapt_in_channels=False, **common)
     _, log = _load_network(workflow)
     assert "patch embedding skipped" in log and "loaded 125 of 126" in log
 
@@ -280,6 +338,8 @@ def test_torchrun_two_cpu_processes_multichannel(tmp_path):
         **{"train#trainer#max_epochs": 1, "val_interval": 1},
     )
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "latest.pt").is_file()
+    latest = torch.load(tmp_path / "models" / "latest.pt", weights_only=False)
+    assert latest["lr_scheduler"]["base_lrs"] == [1e-4]  # not scaled by the number of processes
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from monai.data import SmartCacheDataset
 from monai.networks.nets import SwinUNETR
 
 from swin_unetr_kit.data import DataError, WarnIfNotCTd, load_unlabeled
-from swin_unetr_kit.ssl import SSLHead, SSLLoss, SSLViewsd, cutout, prepare_ssl_batch, rotate
+from swin_unetr_kit.ssl import SSLBatch, SSLHead, SSLLoss, SSLViewsd, cutout, drop_boxes, rotate
 
 SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
 SMALL_SSL = {
@@ -45,20 +45,78 @@ def test_rotation_is_a_quarter_turn_in_one_plane_and_invertible():
     assert torch.equal(rotate(volume, 4), volume)
 
 
-def test_cutout_fraction_and_noise():
+def _reference_drop(x: np.ndarray, rng: np.random.RandomState, donor: np.ndarray | None = None) -> None:
+    """The reference's ``patch_rand_drop`` (research-contributions SwinUNETR/Pretrain/utils/ops.py), from its
+    definition: boxes until their summed volumes reach U(0, 0.3) of the voxels; starts below ``dim - int(0.05 dim)``,
+    sides in [int(0.05 dim), int(0.25 dim)) cut at the border; normal noise min-max scaled per box, or the donor's."""
+    dims = x.shape[1:]
+    tol = [int(0.05 * d) for d in dims]
+    big = [int(0.25 * d) for d in dims]
+    goal, total = rng.uniform(0, 0.3) * np.prod(dims), 0
+    while total < goal:
+        start = [rng.randint(0, d - t) for d, t in zip(dims, tol, strict=True)]
+        end = [min(rng.randint(t, m) + s, d) for s, t, m, d in zip(start, tol, big, dims, strict=True)]
+        box = (slice(None), *(slice(s, e) for s, e in zip(start, end, strict=True)))
+        if donor is None:
+            noise = rng.standard_normal(x[box].shape)
+            x[box] = (noise - noise.min()) / (noise.max() - noise.min())
+        else:
+            x[box] = donor[box]
+        total += np.prod([e - s for s, e in zip(start, end, strict=True)])
+
+
+def _reference_aug_rand(batch: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    """The reference's ``aug_rand``: a noise pass per view, then a pass pasting from a random view of the batch."""
+    out = batch.copy()
+    for i in range(len(out)):
+        _reference_drop(out[i], rng)
+        j = rng.randint(0, len(out))
+        if j != i:
+            _reference_drop(out[i], rng, out[j])
+    return out
+
+
+def test_cutout_masks_as_much_as_the_reference():
+    """Over many batches, the fraction of voxels the masking changes matches the reference procedure's."""
+    rng_data, rng_ours, rng_ref = (np.random.RandomState(s) for s in (0, 1, 2))
+    generator = torch.Generator().manual_seed(0)
+    ours, ref = [], []
+    for _ in range(120):
+        views = rng_data.uniform(0.2, 0.8, (4, 1, 48, 48, 48)).astype(np.float32)  # distinct crops: pastes show
+        ours += (
+            (cutout(torch.from_numpy(views), rng_ours, generator=generator).numpy() != views)
+            .mean((1, 2, 3, 4))
+            .tolist()
+        )
+        ref += (_reference_aug_rand(views, rng_ref) != views).mean((1, 2, 3, 4)).tolist()
+    assert np.mean(ours) == pytest.approx(np.mean(ref), abs=0.015)
+    assert np.std(ours) == pytest.approx(np.std(ref), abs=0.015)
+    assert np.mean(ref) > 0.2  # two passes: well above the 0.15 that one pass of unique voxels masks on average
+
+
+def test_cutout_boxes_noise_and_pastes():
     rng = np.random.RandomState(0)
-    volume = torch.full((1, 64, 64, 64), -5.0)  # a value noise in [0, 1] can never take
-    fractions = []
-    for _ in range(50):
-        masked, mask = cutout(volume, rng)
-        fraction = mask.float().mean().item()
-        fractions.append(fraction)
-        assert torch.equal(masked[0][~mask], volume[0][~mask])  # outside the boxes: untouched
-        if mask.any():
-            assert masked[0][mask].min() >= 0 and masked[0][mask].max() <= 1  # inside: noise in [0, 1]
-        # boxes are added until the drawn fraction (at most 0.3) is reached; the last box may overshoot by one box
-        assert fraction <= 0.3 + 0.25**3 + 1e-6
-    assert min(fractions) < 0.1 < 0.2 < max(fractions)  # the target fraction is drawn, not fixed
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        volume = torch.full((2, 64, 64, 64), -5.0)  # a value the scaled noise can never take
+        drop_boxes(volume, rng, max_fraction=1e-6, generator=generator)  # the first box already reaches the goal
+        box = volume != -5.0
+        values = volume[box]
+        # one box over both channels, sides in [3, 16) voxels (5 % and 25 % of 64), noise min-max scaled to [0, 1]
+        nonzero = box[0].nonzero()
+        sides = nonzero.max(0).values - nonzero.min(0).values + 1
+        assert int(box[0].sum()) == int(sides.prod()) and bool((sides >= 1).all()) and bool((sides < 16).all())
+        assert torch.equal(box[0], box[1])
+        assert float(values.min()) == 0.0 and float(values.max()) == 1.0
+    # normal, not uniform, noise: most of it lies in the middle half of [0, 1]
+    volume = torch.full((1, 64, 64, 64), -5.0)
+    drop_boxes(volume, rng, max_fraction=0.3, generator=generator)
+    noise = volume[volume != -5.0]
+    assert ((noise > 0.25) & (noise < 0.75)).float().mean() > 0.8
+    # the second pass pastes the donor's voxels where it draws its boxes
+    volume, donor = torch.zeros(1, 64, 64, 64), torch.ones(1, 64, 64, 64)
+    drop_boxes(volume, rng, donor, max_fraction=0.3)
+    assert set(volume.unique().tolist()) <= {0.0, 1.0} and volume.mean() > 0
 
 
 def test_views_have_their_labels_and_targets():
@@ -72,8 +130,6 @@ def test_views_have_their_labels_and_targets():
             k = int(out[f"rotation{i}"])
             seen.add(k)
             assert torch.equal(out[f"target{i}"], rotate(crop, k))  # the target is the rotated, unmasked crop
-            changed = out[f"image{i}"] != out[f"target{i}"]
-            assert changed.float().mean() <= 0.32
     assert seen == {0, 1, 2, 3}
 
 
@@ -99,15 +155,19 @@ def test_loss_on_known_inputs():
 def test_network_heads_and_batch_layout():
     net = SSLHead(feature_size=12)
     batch = {
-        "image1": torch.rand(2, 1, 64, 64, 64),
-        "image2": torch.rand(2, 1, 64, 64, 64),
         "target1": torch.rand(2, 1, 64, 64, 64),
         "target2": torch.rand(2, 1, 64, 64, 64),
         "rotation1": torch.tensor([0, 1]),
         "rotation2": torch.tensor([2, 3]),
     }
-    inputs, targets = prepare_ssl_batch(batch)
+    prepare = SSLBatch().set_random_state(seed=0)
+    inputs, targets = prepare(batch)
     assert inputs.shape == (4, 1, 64, 64, 64) and targets["rotation"].tolist() == [0, 1, 2, 3]
+    assert torch.equal(targets["reconstruction"], torch.cat([batch["target1"], batch["target2"]]))
+    # each view batch is masked on its own: a view only takes boxes from its own view's crops or noise
+    masked = inputs != targets["reconstruction"]
+    assert 0 < masked.float().mean() < 0.9
+    assert torch.equal(prepare.set_random_state(seed=0)(batch)[0], inputs)  # seeded: the same masks again
     out = net(inputs)
     assert out["rotation"].shape == (4, 4)
     assert out["contrastive"].shape == (4, 512)
@@ -200,6 +260,30 @@ def test_pretrain_resume_and_hand_off_to_segmentation(unlabeled_ct, tmp_path):
             assert torch.equal(loaded[key], value), key
 
 
+def test_seeded_validation_leaves_training_unchanged(unlabeled_ct, tmp_path):
+    """Validation re-seeds its own crops, views and masks (the reference draws new ones each time): a deterministic
+    score for choosing the best checkpoint, drawn from random states training never reads, so the trained weights are
+    those of a run validating as the reference does."""
+    common = {**SMALL_SSL, "batch_size": 1, "dataset_dir": str(unlabeled_ct / "a"), "num_steps": 2, "val_interval": 1}
+    common |= {"learning_rate": 0.01, "warmup_steps": 1}  # step 2, after a validation, moves the weights visibly
+    run = json.loads((SSL_BUNDLE / "configs" / "train.json").read_text())["run"]
+    assert "set_random_state" in run[0]  # the re-seeding handler, replaced below by one that only builds the evaluator
+    unseeded_run = ["$@validate#evaluator", *run[1:]]  # (building order decides the data loaders' seeds)
+    workflows = {
+        "seeded": run_workflow(ssl_configs("train"), **common, bundle_root=str(tmp_path / "seeded")),
+        "unseeded": run_workflow(ssl_configs("train"), **common, bundle_root=str(tmp_path / "new"), run=unseeded_run),
+    }
+    # the same training inputs give the same loss and weights, up to the CPU kernels' rounding (~1e-7; a different
+    # training batch or mask at step 2 moves the weights by ~1e-2)
+    losses = [w.parser.get_parsed_content("train#trainer").state.output["loss"] for w in workflows.values()]
+    assert float(losses[0]) == float(losses[1])
+    weights = {name: w.parser.get_parsed_content("network").state_dict() for name, w in workflows.items()}
+    for key, value in weights["seeded"].items():
+        torch.testing.assert_close(value, weights["unseeded"][key], rtol=1e-5, atol=1e-5, msg=key)
+    metrics = {name: w.parser.get_parsed_content("validate#evaluator").state.metrics for name, w in workflows.items()}
+    assert metrics["seeded"]["val_loss"] != metrics["unseeded"]["val_loss"]  # yet the validations differed
+
+
 def test_smart_cache_replaces_part_of_the_cache_every_epoch(unlabeled_ct, tmp_path):
     workflow = ConfigWorkflow(
         config_file=ssl_configs("train", "smart_cache"),
@@ -254,6 +338,41 @@ def test_metadata_and_properties(tmp_path):
     parser = workflow.parser
     assert parser["hu_window"] == [-1000, 1000] and parser["temperature"] == 0.5
     assert parser["learning_rate"] == 4e-4 and parser["warmup_steps"] == 500
+    # the reference's defaults: --batch_size 2 volumes x --sw_batch_size 2 crops per GPU, no gradient clipping
+    assert parser["batch_size"] * parser["num_samples"] == 4 and parser["grad_clip"] == 0
+
+
+def _reference_warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The reference's ``WarmupCosineSchedule`` factor (research-contributions SwinUNETR/Pretrain/optimizers/
+    lr_scheduler.py), from its definition: linear from 0 over ``warmup_steps``, then half a cosine to 0 at the end."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def test_schedule_and_best_checkpoint_follow_the_reference():
+    """The warm-up is the reference's --warmup_steps whatever the length (no cap at a tenth of training), and the best
+    model is chosen by the validation reconstruction loss, as the reference's model_bestValRMSE.pt."""
+    workflow = ConfigWorkflow(
+        config_file=ssl_configs("train"), workflow_type="train", feature_size=12, num_steps=1000, warmup_steps=500
+    )
+    scheduler = workflow.parser.get_parsed_content("lr_scheduler")
+    rates = []
+    for _ in range(1000):
+        rates.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    expected = [4e-4 * _reference_warmup_cosine(step, 500, 1000) for step in range(1000)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-9, atol=1e-12)
+    assert rates.index(max(rates)) == 500 and max(rates) == 4e-4  # the full rate half-way (a cap would give step 100)
+
+    key_metric = workflow.parser.get_parsed_content("validate#key_metric")
+    additional = workflow.parser.get_parsed_content("validate#additional_metrics")
+    assert list(key_metric) == ["val_reconstruction_loss"] and "val_loss" in additional
+    assert key_metric["val_reconstruction_loss"] is additional["val_reconstruction_loss"]  # computed once
+    total = ConfigWorkflow(config_file=ssl_configs("train"), workflow_type="train", best_metric="val_loss")
+    assert list(total.parser.get_parsed_content("validate#key_metric")) == ["val_loss"]  # the one-line override
 
 
 def test_torchrun_two_cpu_processes(unlabeled_ct, tmp_path):
@@ -270,47 +389,66 @@ def test_torchrun_two_cpu_processes(unlabeled_ct, tmp_path):
     assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 2  # rank 0 alone writes
 
 
+def _reference_nt_xent(x1: torch.Tensor, x2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """The reference's ``Contrast`` (research-contributions SwinUNETR/Pretrain/losses/loss.py), from its definition:
+    over the 2B unit embeddings of one batch, each row's positive is its other view, its denominator every other row;
+    the summed -log ratios divided by 2B."""
+    z = torch.nn.functional.normalize(torch.cat([x1, x2]), dim=1)
+    n = x1.shape[0]
+    logits = z @ z.T / temperature
+    positives = torch.cat([logits.diagonal(n), logits.diagonal(-n)])
+    others = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+    return (others.logsumexp(1) - positives).sum() / (2 * n)
+
+
+def _contrastive_terms(z1: torch.Tensor, z2: torch.Tensor, gather_negatives: bool) -> torch.Tensor:
+    from swin_unetr_kit.ssl import ssl_terms
+
+    rows = z1.shape[0]
+    pred = {"contrastive": torch.cat([z1, z2]), "rotation": torch.zeros(2 * rows, 4), "reconstruction": torch.zeros(1)}
+    target = {"rotation": torch.zeros(2 * rows, dtype=torch.long), "reconstruction": torch.zeros(1)}
+    return ssl_terms(pred, target, SSLLoss().contrastive, gather_negatives)["contrastive"]
+
+
 def _contrastive_on_two_processes(rank: int, port: int, z1: torch.Tensor, z2: torch.Tensor, results) -> None:
     import torch.distributed as dist
-
-    from swin_unetr_kit.ssl import ssl_terms
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     half = z1.shape[0] // 2
     mine = slice(rank * half, (rank + 1) * half)
-    local1 = z1[mine].clone().requires_grad_(True)
-    pred = {
-        "contrastive": torch.cat([local1, z2[mine]]),
-        "rotation": torch.zeros(2 * half, 4),
-        "reconstruction": torch.zeros(1),
-    }
-    target = {"rotation": torch.zeros(2 * half, dtype=torch.long), "reconstruction": torch.zeros(1)}
-    loss = ssl_terms(pred, target, SSLLoss().contrastive)["contrastive"]
-    loss.backward()
-    results[rank] = (float(loss), local1.grad.clone())
+    for gather in (False, True):
+        local1 = z1[mine].clone().requires_grad_(True)
+        loss = _contrastive_terms(local1, z2[mine], gather)
+        loss.backward()
+        results[rank, gather] = (float(loss), local1.grad.clone())
     dist.destroy_process_group()
 
 
-def test_contrastive_negatives_are_gathered_across_processes():
-    """Two processes with half a batch each compute the loss of the whole batch, and its gradient for their rows."""
+def test_contrastive_negatives_per_process_by_default_or_gathered():
+    """Two processes with half a batch each: by default each computes the reference's loss on its own half (the
+    reference's per-GPU Contrast); with ``gather_negatives`` both compute the loss of the whole batch."""
     torch.manual_seed(0)
     z1, z2 = torch.randn(8, 16), torch.randn(8, 16)
     manager = torch.multiprocessing.Manager()
     results = manager.dict()
     torch.multiprocessing.spawn(_contrastive_on_two_processes, args=(29523, z1, z2, results), nprocs=2)
     full1 = z1.clone().requires_grad_(True)
-    pred = {"contrastive": torch.cat([full1, z2]), "rotation": torch.zeros(16, 4), "reconstruction": torch.zeros(1)}
-    target = {"rotation": torch.zeros(16, dtype=torch.long), "reconstruction": torch.zeros(1)}
-    from swin_unetr_kit.ssl import ssl_terms
-
-    expected = ssl_terms(pred, target, SSLLoss().contrastive)["contrastive"]
-    expected.backward()
+    whole = _contrastive_terms(full1, z2, gather_negatives=False)
+    whole.backward()
+    assert float(whole) == pytest.approx(float(_reference_nt_xent(z1, z2)), abs=1e-5)
+    assert SSLLoss().gather_negatives is False
     for rank in (0, 1):
-        loss, grad = results[rank]
-        assert loss == pytest.approx(float(expected), abs=1e-5)
+        rows = slice(rank * 4, (rank + 1) * 4)
+        own1 = z1[rows].clone().requires_grad_(True)
+        reference = _reference_nt_xent(own1, z2[rows])
+        reference.backward()
+        loss, grad = results[rank, False]
+        assert loss == pytest.approx(float(reference), abs=1e-5)
+        torch.testing.assert_close(grad, own1.grad, atol=1e-5, rtol=1e-4)
+        loss, grad = results[rank, True]
+        assert loss == pytest.approx(float(whole), abs=1e-5)
         # every process computes the same global loss, and all_gather's backward sums their gradients for this
         # process's rows: 2x the global gradient, which DDP's averaging over the 2 processes brings back to 1x
-        rows = slice(rank * 4, (rank + 1) * 4)
         torch.testing.assert_close(grad, 2 * full1.grad[rows], atol=1e-5, rtol=1e-4)
 
 

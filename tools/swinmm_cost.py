@@ -41,12 +41,12 @@ def _inputs(case: str, roi: int, device):
     from monai.data import list_data_collate
     from monai.losses import DiceCELoss
 
-    from swin_unetr_kit.ssl import SSLLoss, SSLViewsd, prepare_ssl_batch
+    from swin_unetr_kit.ssl import SSLBatch, SSLLoss, SSLViewsd
     from swin_unetr_kit.swinmm import CrossViewLoss, SwinMMLoss, SwinMMViewsd, prepare_swinmm_batch
 
     crop = {"image": torch.rand(1, roi, roi, roi)}
     if case.startswith("pretrain"):
-        views, prepare = (SSLViewsd(), prepare_ssl_batch) if case.endswith("plain") else (SwinMMViewsd(), None)
+        views, prepare = (SSLViewsd(), SSLBatch()) if case.endswith("plain") else (SwinMMViewsd(), None)
         views.set_random_state(0)
         batch = list_data_collate([views(crop)])
         x, target = (prepare or prepare_swinmm_batch)(batch, device)
