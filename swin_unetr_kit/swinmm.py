@@ -212,8 +212,10 @@ class SwinMMLoss(SSLLoss):
     * ``mutual``: masked MSE (mask 1) between view 3's mapped-back reconstruction and view 1's.
 
     Total = λ_rot · rotation + λ_con · contrastive + λ_rec · (reconstruction + permuted_reconstruction)
-    + λ_mut · mutual. With ``norm_pix_loss`` (the released run's setting) the reconstruction targets are
-    :func:`normalise_per_sample`; the mutual term compares the two reconstructions as they are.
+    + λ_mut · mutual. The contrastive negatives are this process's rows, as in the released code, or every
+    process's with ``gather_negatives`` (see :class:`~swin_unetr_kit.ssl.SSLLoss`). With ``norm_pix_loss`` (the
+    released run's setting) the reconstruction targets are :func:`normalise_per_sample`; the mutual term compares the
+    two reconstructions as they are.
     """
 
     def __init__(
@@ -224,8 +226,9 @@ class SwinMMLoss(SSLLoss):
         mutual_weight: float = 1.0,
         temperature: float = 0.5,
         norm_pix_loss: bool = True,
+        gather_negatives: bool = False,
     ) -> None:
-        super().__init__(rotation_weight, contrastive_weight, reconstruction_weight, temperature)
+        super().__init__(rotation_weight, contrastive_weight, reconstruction_weight, temperature, gather_negatives)
         self.weights["permuted_reconstruction"] = reconstruction_weight
         self.weights["mutual"] = mutual_weight
         self.norm_pix_loss = norm_pix_loss
@@ -248,7 +251,9 @@ class SwinMMLoss(SSLLoss):
         rotation_logits = pred["rotation"][:rows]
         return {
             "rotation": F.cross_entropy(rotation_logits.float(), target["rotation"]),
-            "contrastive": self.contrastive(gather_rows(z[:batch]), gather_rows(z[batch:])),
+            "contrastive": self.contrastive(
+                *((gather_rows(z[:batch]), gather_rows(z[batch:])) if self.gather_negatives else (z[:batch], z[batch:]))
+            ),
             "reconstruction": masked_mse(rotated, goal, mask),
             "permuted_reconstruction": masked_mse(permuted, goal, mask),
             "mutual": masked_mse(permuted[:batch], rotated[:batch], mask[:batch]),
