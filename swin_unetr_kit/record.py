@@ -8,7 +8,7 @@ bundles build their network in the order :func:`resolve_patch_merging` finds for
 
 1. ``legacy_patch_merging`` true or false on the command line: that order, whatever the checkpoint says;
 2. the checkpoint's record;
-3. the released self-supervised layout (``module.``-prefixed keys, ``fc1``/``fc2`` MLP names): legacy, as it was trained;
+3. the released self-supervised layout (``module.``-prefixed keys, ``fc1``/``fc2`` MLP names): legacy, as trained;
 4. a file whose md5 the bundle lists in ``known_weights`` (the released weights its ``large_files.yml`` names): the
    order listed there;
 5. any other checkpoint: MONAI's current order, said in one log line with the override that changes it.
@@ -76,8 +76,8 @@ def describe(network: torch.nn.Module) -> dict:
 
 
 class NetworkRecord:
-    """The record of ``network`` as an item of a checkpoint's ``save_dict``: ignite saves its ``state_dict()`` beside the
-    weights (``{"model": ..., "network_record": ...}``). Loading compares the saved record with the network."""
+    """The record of ``network`` as an item of a checkpoint's ``save_dict``: ignite saves its ``state_dict()`` beside
+    the weights (``{"model": ..., "network_record": ...}``). Loading compares the saved record with the network."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         self.network = network

@@ -103,7 +103,7 @@ def configs(*names: str, bundle: Path = BTCV_BUNDLE) -> list[str]:
 
 
 def torchrun_bundle(config_files: list[str], port: int, **overrides) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m monai.bundle run training`` on the CPU (gloo), as the bundles' READMEs show it."""
+    """``torchrun --nproc_per_node 2 -m monai.bundle run training`` on the CPU (gloo), as the READMEs show it."""
     args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     cmd += ["-m", "monai.bundle", "run", "training", "--config_file", json.dumps(config_files), *args]

@@ -17,6 +17,9 @@ from monai.handlers import CheckpointLoader
 from monai.networks.nets import SwinUNETR
 from monai.transforms import Compose, LoadImaged, SaveImaged
 
+from swin_unetr_kit.pretrained import LegacyPatchMerging
+from swin_unetr_kit.record import RECORD_KEY, describe, patch_merging_order
+
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 CPU_SIZES = {"roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]}  # not MONAI Label's: this machine's
 
@@ -46,11 +49,14 @@ def test_bundle_infer_task_contract(bundle, num_labels, synthetic_dataset, tmp_p
     parser["network_def"]["feature_size"] = 12
     torch.manual_seed(0)
     out_channels = num_labels + 1
-    weights = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12).state_dict()
-    torch.save(weights, installed / "models" / "model.pt")
+    # weights trained in the legacy patch-merging order, saved as the bundles save model.pt: with their record
+    trained = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12, downsample=LegacyPatchMerging)
+    torch.save({"model": trained.state_dict(), RECORD_KEY: describe(trained)}, installed / "models" / "model.pt")
     network = parser.get_parsed_content("network_def", instantiate=True)
-    network.load_state_dict(torch.load(installed / "models" / "model.pt", weights_only=True))
+    checkpoint = torch.load(installed / "models" / "model.pt", weights_only=True)
+    network.load_state_dict(checkpoint.get("model", checkpoint))  # MONAI Label's model_state_dict="model"
     network.eval()
+    assert patch_merging_order(network) == "legacy"  # built in the order the record names
 
     displayable = parser.get_parsed_content("displayable_configs", instantiate=True)
     assert set(displayable) == {"sw_batch_size", "sw_overlap", "num_views"}
@@ -88,8 +94,9 @@ def test_bundle_train_task_contract(synthetic_dataset, tmp_path):
     for sub in ("configs", "docs"):
         (installed / sub).symlink_to(BTCV_BUNDLE / sub)
     torch.manual_seed(0)
-    start = SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict()
-    torch.save(start, installed / "models" / "model.pt")
+    start_network = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, downsample=LegacyPatchMerging)
+    start = start_network.state_dict()
+    torch.save({"model": start, RECORD_KEY: describe(start_network)}, installed / "models" / "model.pt")
 
     datalist = json.loads((synthetic_dataset / "dataset_0.json").read_text())
     records = [
@@ -128,6 +135,8 @@ def test_bundle_train_task_contract(synthetic_dataset, tmp_path):
     )
     latest = torch.load(installed / "models" / "latest.pt", weights_only=False)
     assert latest["trainer"]["iteration"] == latest["trainer"]["epoch_length"] == 3  # one epoch of three cases
-    trained = torch.load(installed / "models" / "model.pt", weights_only=True)
+    saved = torch.load(installed / "models" / "model.pt", weights_only=True)
+    trained = saved["model"]
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # started from model.pt and trained on
+    assert saved[RECORD_KEY]["patch_merging"] == "legacy"  # in the order of the model.pt it started from
