@@ -77,16 +77,13 @@ def describe(network: torch.nn.Module) -> dict:
 
 class NetworkRecord:
     """The record of ``network`` as an item of a checkpoint's ``save_dict``: ignite saves its ``state_dict()`` beside
-    the weights (``{"model": ..., "network_record": ...}``). Loading compares the saved record with the network."""
+    the weights (``{"model": ..., "network_record": ...}``)."""
 
     def __init__(self, network: torch.nn.Module) -> None:
         self.network = network
 
     def state_dict(self) -> dict:
         return describe(self.network)
-
-    def load_state_dict(self, record: Mapping) -> None:
-        check_record(self.network, record, "checkpoint")
 
 
 def check_record(network: torch.nn.Module, record: Mapping, source: str) -> None:
@@ -100,7 +97,9 @@ def check_record(network: torch.nn.Module, record: Mapping, source: str) -> None
     }
     if differ:
         shown = ", ".join(f"{k} {saved} (network: {now})" for k, (saved, now) in differ.items())
-        raise RecordError(f"{source} was written by another network: {shown}; set these in the config or overrides")
+        raise RecordError(
+            f"{source} holds the weights of another network: {shown}; set these in the config or its overrides"
+        )
     if record.get("patch_merging") not in (None, built["patch_merging"]):
         logger.warning(
             "%s was trained with patch merging %r but the network uses %r (legacy_patch_merging forces it)",

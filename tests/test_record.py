@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+import pytest
 import torch
 import yaml
 from conftest import BTCV_BUNDLE, REPO, configs, released_layout
@@ -15,7 +16,7 @@ from monai.bundle import ConfigWorkflow
 from monai.networks.nets import SwinUNETR
 
 from swin_unetr_kit.pretrained import LegacyPatchMerging
-from swin_unetr_kit.record import RECORD_KEY, NetworkRecord, describe, patch_merging_order
+from swin_unetr_kit.record import RECORD_KEY, NetworkRecord, RecordError, describe, patch_merging_order
 
 SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
 SMALL_NET = {"network_def#feature_size": 12, "device": "$torch.device('cpu')"}
@@ -186,3 +187,13 @@ def test_the_record_describes_the_network():
             "out_channels": 14,
         },
     }
+
+
+def test_a_checkpoint_of_other_settings_is_an_error_naming_them(tmp_path):
+    torch.manual_seed(0)
+    wider = SwinUNETR(in_channels=1, out_channels=14, feature_size=24)
+    torch.save(recorded(wider), tmp_path / "model.pt")
+    with pytest.raises(
+        RecordError, match=r"model\.pt holds the weights of another network: feature_size 24 \(network: 12\)"
+    ):
+        inference_network(tmp_path / "model.pt")
