@@ -32,6 +32,7 @@ RECORD_KEY = "network_record"
 LEGACY, CURRENT = "legacy", "merging"
 # merging modules by the name the record gives their order; the most derived class first
 _ORDERS = ((LegacyPatchMerging, LEGACY), (PatchMerging, CURRENT), (PatchMergingV2, "mergingv2"))
+_WORDS = {"true": True, "false": False, "null": None, "none": None}
 
 
 class RecordError(ValueError):
@@ -162,11 +163,17 @@ def resolve_patch_merging(
     """The patch-merging order to build the network in: ``legacy``, ``merging`` (or ``mergingv2`` if recorded).
 
     Args:
-        legacy_patch_merging: True or False forces that order; None (the bundles' default) follows the weights.
+        legacy_patch_merging: True or False forces that order; None (the bundles' default) follows the weights. The
+            words ``true``, ``false``, ``null`` (as the command line passes them) are read as such.
         checkpoints: the files whose weights the network will hold, most authoritative first (the resume checkpoint,
             then the pretrained one, ...); the first that exists decides, missing or empty ones are skipped.
         known_weights: md5 → order of released checkpoints that carry no record.
     """
+    if isinstance(legacy_patch_merging, str):  # `--legacy_patch_merging false` reaches the config as a string
+        word = legacy_patch_merging.strip().lower()
+        if word not in _WORDS:
+            raise RecordError(f"legacy_patch_merging: expected true, false or null, got {legacy_patch_merging!r}")
+        legacy_patch_merging = _WORDS[word]
     if legacy_patch_merging is not None:
         order = LEGACY if legacy_patch_merging else CURRENT
         logger.info("patch merging: %s (legacy_patch_merging %s)", order, str(bool(legacy_patch_merging)).lower())

@@ -16,7 +16,14 @@ from monai.bundle import ConfigWorkflow
 from monai.networks.nets import SwinUNETR
 
 from swin_unetr_kit.pretrained import LegacyPatchMerging
-from swin_unetr_kit.record import RECORD_KEY, NetworkRecord, RecordError, describe, patch_merging_order
+from swin_unetr_kit.record import (
+    RECORD_KEY,
+    NetworkRecord,
+    RecordError,
+    describe,
+    patch_merging_order,
+    resolve_patch_merging,
+)
 
 SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
 SMALL_NET = {"network_def#feature_size": 12, "device": "$torch.device('cpu')"}
@@ -197,3 +204,13 @@ def test_a_checkpoint_of_other_settings_is_an_error_naming_them(tmp_path):
         RecordError, match=r"model\.pt holds the weights of another network: feature_size 24 \(network: 12\)"
     ):
         inference_network(tmp_path / "model.pt")
+
+
+def test_the_override_as_the_command_line_passes_it(tmp_path):
+    source = trained("legacy")
+    torch.save(recorded(source), tmp_path / "model.pt")
+    assert resolve_patch_merging("false", [str(tmp_path / "model.pt")]) == "merging"  # forced, whatever the record
+    assert resolve_patch_merging("true", []) == "legacy"
+    assert resolve_patch_merging("null", [str(tmp_path / "model.pt")]) == "legacy"
+    with pytest.raises(RecordError, match="expected true, false or null, got 'maybe'"):
+        resolve_patch_merging("maybe", [])
