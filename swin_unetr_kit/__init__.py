@@ -3,6 +3,6 @@
 Bundles reach them from their configs as ``swin_unetr_kit.<module>.<name>``.
 """
 
-from swin_unetr_kit import checkpoint, data, metrics, msd, pretrained, runtime, settings
+from swin_unetr_kit import checkpoint, data, metrics, msd, pretrained, record, runtime, settings
 
-__all__ = ["checkpoint", "data", "metrics", "msd", "pretrained", "runtime", "settings"]
+__all__ = ["checkpoint", "data", "metrics", "msd", "pretrained", "record", "runtime", "settings"]

@@ -24,6 +24,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from swin_unetr_kit.record import check_record, read_record
+
 logger = logging.getLogger(__name__)
 
 TMP_PREFIX, TMP_SUFFIX = ".tmp_", ".pt"  # the partial files atomic_torch_save writes before renaming them
@@ -171,7 +173,19 @@ class AtomicCheckpointSaver(CheckpointSaver):
             self._key_metric_checkpoint.load_state_dict(state_dict)
 
 
-class ResumeCheckpointLoader(CheckpointLoader):
+class RecordedCheckpointLoader(CheckpointLoader):
+    """``monai.handlers.CheckpointLoader`` that first compares the checkpoint's record (:mod:`swin_unetr_kit.record`)
+    with the network it loads into (the first item of ``load_dict``): a checkpoint of a network with other settings
+    stops with an error naming them and their values, instead of a list of mismatched tensor shapes."""
+
+    def __call__(self, engine: Engine) -> None:
+        record = read_record(self.load_path)
+        if record is not None:
+            check_record(next(iter(self.load_dict.values())), record, self.load_path)
+        super().__call__(engine)
+
+
+class ResumeCheckpointLoader(RecordedCheckpointLoader):
     """Load a resumable checkpoint (network, optimizer, scheduler, trainer state) when ``load_path`` exists, and only
     when it belongs to the same run.
 

@@ -31,3 +31,11 @@ def flag(value: object, name: str) -> bool:
     raise ValueError(
         f"--{name} {value!r}: not a boolean; use one of {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)} (any case)"
     )
+
+
+def optional_flag(value: object, name: str) -> bool | None:
+    """:func:`flag` for a setting whose unset value, ``None`` (``null``/``none`` on the command line), means "decide
+    from elsewhere", such as ``legacy_patch_merging`` following the weights' record."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
+        return None
+    return flag(value, name)

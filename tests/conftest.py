@@ -103,10 +103,10 @@ def configs(*names: str, bundle: Path = BTCV_BUNDLE) -> list[str]:
 
 
 def torchrun_bundle(config_files: list[str], port: int, **overrides) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m monai.bundle run`` on the CPU (gloo), as the bundles' READMEs show it."""
+    """``torchrun --nproc_per_node 2 -m monai.bundle run training`` on the CPU (gloo), as the READMEs show it."""
     args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    cmd += ["-m", "monai.bundle", "run", "--config_file", json.dumps(config_files), *args]
+    cmd += ["-m", "monai.bundle", "run", "training", "--config_file", json.dumps(config_files), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

@@ -12,24 +12,29 @@ import pytest
 import torch
 from conftest import BTCV_BUNDLE, REPO
 from monai.bundle import ConfigWorkflow
+from monai.networks.nets import SwinUNETR
+
+from swin_unetr_kit.pretrained import LegacyPatchMerging
+from swin_unetr_kit.record import RECORD_KEY, describe
 
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 
 
 def test_ckpt_export_by_trace_matches_the_eager_network(tmp_path):
-    """TorchScript of the MSD network (the BTCV bundle's is exported to ONNX below: one export per bundle config)."""
+    """TorchScript of the MSD network, built in the patch-merging order its checkpoint records (the BTCV bundle's is
+    exported to ONNX below: one export per bundle config)."""
     bundle, overrides = MSD_BUNDLE, {"bundle_root": str(MSD_BUNDLE)}
     config = str(bundle / "configs" / "inference.json")
     overrides = {**overrides, "network_def#feature_size": 12}
     torch.manual_seed(0)
-    network = ConfigWorkflow(config_file=config, workflow_type="infer", **overrides).parser.get_parsed_content(
-        "network_def"
-    )
-    torch.save(network.state_dict(), tmp_path / "model.pt")
+    # weights trained in the legacy patch-merging order, saved as the bundle saves model.pt: with their record
+    network = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, downsample=LegacyPatchMerging)
+    torch.save({"model": network.state_dict(), RECORD_KEY: describe(network)}, tmp_path / "model.pt")
+    overrides["ckpt_path"] = str(tmp_path / "model.pt")  # the config builds network_def in that file's order
     cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(tmp_path / "model.ts")]
     cmd += ["--ckpt_file", str(tmp_path / "model.pt"), "--meta_file", str(bundle / "configs" / "metadata.json")]
     cmd += ["--config_file", config, "--use_trace", "True", "--input_shape", "[1, 1, 64, 64, 64]"]
-    cmd += [f"--{k}={v}" for k, v in overrides.items()]
+    cmd += ["--key_in_ckpt", "model", *[f"--{k}={v}" for k, v in overrides.items()]]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 

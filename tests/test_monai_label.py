@@ -20,6 +20,8 @@ from monai.networks.nets import SwinUNETR
 from monai.transforms import Compose, LoadImaged, SaveImaged, Spacingd
 
 from swin_unetr_kit.data import DataError, PathSafeSpacingd
+from swin_unetr_kit.pretrained import LegacyPatchMerging
+from swin_unetr_kit.record import RECORD_KEY, describe, patch_merging_order
 
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 CPU_SIZES = {"roi_size": [64, 64, 64], "pixdim": [3.0, 3.0, 3.0]}  # not MONAI Label's: this machine's
@@ -64,11 +66,14 @@ def test_bundle_infer_task_contract(bundle, num_labels, synthetic_dataset, tmp_p
     parser["network_def"]["feature_size"] = 12
     torch.manual_seed(0)
     out_channels = num_labels + 1
-    weights = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12).state_dict()
-    torch.save(weights, installed / "models" / "model.pt")
+    # weights trained in the legacy patch-merging order, saved as the bundles save model.pt: with their record
+    trained = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12, downsample=LegacyPatchMerging)
+    torch.save({"model": trained.state_dict(), RECORD_KEY: describe(trained)}, installed / "models" / "model.pt")
     network = parser.get_parsed_content("network_def", instantiate=True)
-    network.load_state_dict(torch.load(installed / "models" / "model.pt", weights_only=True))
+    checkpoint = torch.load(installed / "models" / "model.pt", weights_only=True)
+    network.load_state_dict(checkpoint.get("model", checkpoint))  # MONAI Label's model_state_dict="model"
     network.eval()
+    assert patch_merging_order(network) == "legacy"  # built in the order the record names
 
     displayable = parser.get_parsed_content("displayable_configs", instantiate=True)
     assert set(displayable) == {"sw_batch_size", "sw_overlap", "num_views"}
@@ -175,8 +180,9 @@ def test_bundle_train_task_contract(bundle, synthetic_dataset, tmp_path):
         (installed / sub).symlink_to(bundle / sub)
     torch.manual_seed(0)
     out_channels = 14 if bundle == BTCV_BUNDLE else 2
-    start = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12).state_dict()
-    torch.save(start, installed / "models" / "model.pt")
+    start_network = SwinUNETR(in_channels=1, out_channels=out_channels, feature_size=12, downsample=LegacyPatchMerging)
+    start = start_network.state_dict()
+    torch.save({"model": start, RECORD_KEY: describe(start_network)}, installed / "models" / "model.pt")
 
     datalist = json.loads((synthetic_dataset / "dataset_0.json").read_text())
     records = [
@@ -221,12 +227,14 @@ def test_bundle_train_task_contract(bundle, synthetic_dataset, tmp_path):
         **overrides,
         **{"pixdim": [3.0, 3.0, 3.0], "sw_batch_size": 2, "sw_overlap": 0.25},  # not UI options: this machine's
     )
-    ckpt_dir = installed / "models" / ("" if bundle == BTCV_BUNDLE else "Task09_Spleen")
+    ckpt_dir = installed / "models" / ("" if bundle == BTCV_BUNDLE else "Task09_Spleen/fold0of5")
     latest = torch.load(ckpt_dir / "latest.pt", weights_only=False)
     assert latest["trainer"]["iteration"] == latest["trainer"]["epoch_length"] == 3  # one epoch of three cases
-    trained = torch.load(installed / "models" / "model.pt", weights_only=True)
+    saved = torch.load(installed / "models" / "model.pt", weights_only=True)
+    trained = saved["model"]
     assert trained.keys() == start.keys()
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # started from model.pt and trained on
+    assert saved[RECORD_KEY]["patch_merging"] == "legacy"  # in the order of the model.pt it started from
     if bundle == MSD_BUNDLE:
-        own = torch.load(ckpt_dir / "model.pt", weights_only=True)
+        own = torch.load(ckpt_dir / "model.pt", weights_only=True)["model"]
         assert all(torch.equal(own[k], trained[k]) for k in own)

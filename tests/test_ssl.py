@@ -236,7 +236,9 @@ def test_pretrain_resume_and_hand_off_to_segmentation(unlabeled_ct, tmp_path):
     } <= set(evaluator.state.metrics)
 
     pretrained = torch.load(models / "model.pt", weights_only=True)
-    encoder = {k[len("swinViT.") :]: v for k, v in pretrained.items() if k.startswith("swinViT.")}
+    assert pretrained["network_record"]["patch_merging"] == "merging"  # the order it was trained in travels with it
+    assert pretrained["network_record"]["network"]["feature_size"] == SMALL_SSL["feature_size"]
+    encoder = {k[len("swinViT.") :]: v for k, v in pretrained["model"].items() if k.startswith("swinViT.")}
     seg = ConfigWorkflow(
         config_file=configs("train"),
         workflow_type="train",
@@ -319,9 +321,9 @@ def test_continue_from_released_checkpoint_layout(tmp_path):
         feature_size=12,
         device="$torch.device('cpu')",
         pretrained_ckpt=str(tmp_path / "model_swinvit.pt"),
-        legacy_patch_merging=True,
     )
     network = workflow.parser.get_parsed_content("network")
+    assert workflow.parser.get_parsed_content("patch_merging") == "legacy"  # selected by the released layout
     for key, value in source.swinViT.state_dict().items():
         assert torch.equal(network.swinViT.state_dict()[key], value)
 

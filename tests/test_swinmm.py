@@ -499,7 +499,9 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     assert 0.0 <= seg.parser.get_parsed_content("validate#evaluator").state.best_metric <= 1.0
     models = tmp_path / "seg" / "models" / "swinmm"
     assert (models / "model.pt").is_file() and (models / "latest.pt").is_file()
-    assert any(k.startswith("fusion.") for k in torch.load(models / "model.pt", weights_only=True))
+    saved = torch.load(models / "model.pt", weights_only=True)
+    assert any(k.startswith("fusion.") for k in saved["model"])
+    assert saved["network_record"]["network"]["class"] == "CrossViewSwinUNETR"
 
     run_workflow(configs("train", "evaluate", "swinmm"), workflow_type="infer", **common)
     report = json.loads((tmp_path / "seg" / "eval" / "metrics.json").read_text())

@@ -67,6 +67,8 @@ def test_zips_are_reproducible_and_indexed(local_zoo, tmp_path):
             assert {f"{name}/LICENSE", f"{name}/configs/metadata.json", f"{name}/docs/README.md"} <= set(names)
             assert all(info.date_time == zoo.FIXED_TIME for info in archive.infolist())
             assert (f"{name}/models/model.pt" in names) == (name == "swin_unetr_btcv_seg")
+            # the packaged model.pt replaced the released BTCV weights; the SSL bundle's released encoder stays listed
+            assert (f"{name}/large_files.yml" in names) == (name == "swin_unetr_ssl_pretrain")
     again = zoo.package_bundle(zoo.BUNDLES / "swin_unetr_msd", tmp_path)
     assert again.read_bytes() == (local_zoo / again.name).read_bytes()  # same sources, same bytes
 
@@ -155,3 +157,31 @@ def test_weights_over_25_mb_go_beside_the_zip_in_large_files_yml(tmp_path):
     large.write_bytes(os.urandom(1024))  # the served weights no longer match the bundle's hash
     with pytest.raises(HashCheckError, match="sha256 hash check"):
         zoo.install("swin_unetr_btcv_seg", index, str(tmp_path / "bad"))
+
+
+def test_bundles_name_the_released_weights_in_large_files_yml():
+    """The entries MONAI's download_large_files passes to download_url (an unknown key would break it); nothing is
+    downloaded here."""
+    import inspect
+
+    from monai.apps.utils import download_url
+    from monai.bundle import ConfigParser
+
+    accepted = set(inspect.signature(download_url).parameters) | {"path"}
+    listed = {}
+    for name in BUNDLES:
+        path = zoo.BUNDLES / name / "large_files.yml"
+        if path.is_file():
+            parser = ConfigParser()
+            parser.read_config(str(path))
+            for entry in parser.get()["large_files"]:
+                assert set(entry) <= accepted, entry
+                listed[(name, entry["path"])] = entry
+    btcv = listed.pop(("swin_unetr_btcv_seg", "models/model.pt"))
+    assert btcv["url"].endswith("/model_swin_unetr_btcv_segmentation_v1.pt") and btcv["url"].startswith("https://")
+    assert (btcv["hash_type"], len(btcv["hash_val"])) == ("md5", 32)
+    ssl = listed.pop(("swin_unetr_ssl_pretrain", "models/model_swinvit.pt"))
+    assert (
+        ssl["url"] == "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt"
+    )
+    assert not listed

@@ -1,13 +1,15 @@
 """A local model zoo for the bundles: reproducible ``<name>_v<version>.zip`` files and a ``model_info.json`` index in
 the model zoo's format, and a checksum-verified install.
 
-``package`` zips each bundle's tracked files (configs, docs, LICENSE; optionally a trained ``models/model.pt``) under
-a top-level ``<name>/`` folder with fixed timestamps, permissions and order, so the same sources give the same bytes
-and the same checksum. The index maps ``<name>_v<version>`` to the zip's SHA-256 ``checksum`` and its ``source`` URL
-(``file://`` here; an ``https://`` base URL for a served zoo). Weights over the zoo's 25 MB limit (feature_size 48
-is about 250 MB) stay out of the zip, as the zoo asks: they are written beside it as ``<name>_v<version>_model.pt``
-and the zip gets a ``large_files.yml`` with their path, URL and SHA-256, which MONAI's ``download_large_files``
-fetches and checks.
+``package`` zips each bundle's tracked files (configs, docs, LICENSE, its ``large_files.yml``; optionally a trained
+``models/model.pt``) under a top-level ``<name>/`` folder with fixed timestamps, permissions and order, so the same
+sources give the same bytes and the same checksum. The index maps ``<name>_v<version>`` to the zip's SHA-256
+``checksum`` and its ``source`` URL (``file://`` here; an ``https://`` base URL for a served zoo). A bundle's tracked
+``large_files.yml`` names released weights (the BTCV bundle: the model zoo's trained ``models/model.pt``); weights
+given to ``package`` take that ``models/model.pt`` entry's place, its other entries stay. Weights over the zoo's 25 MB
+limit (feature_size 48 is about 250 MB) stay out of the zip, as the zoo asks: they are written beside it as
+``<name>_v<version>_model.pt`` and listed in ``large_files.yml`` with their URL and SHA-256, which MONAI's
+``download_large_files`` fetches and checks; smaller ones go inside the zip.
 
 MONAI installs a zip with ``python -m monai.bundle download --name <name> --url <source> --bundle_dir <dir>`` (it
 refuses archive members that escape the folder) but checks no checksum, and fetches large files only when asked:
@@ -94,14 +96,20 @@ def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None, base
     if weights:
         if not Path(weights).is_file():
             raise ZooError(f"{weights}: weights file not found")
+        listing_name = f"{name}/large_files.yml"
+        # the packaged weights replace the released ones the bundle's own large_files.yml names as models/model.pt
+        listed = yaml.safe_load(contents.get(listing_name, b"")) or {}
+        entries = [e for e in listed.get("large_files", []) if e["path"] != "models/model.pt"]
         if Path(weights).stat().st_size > LARGE_FILE_BYTES:
             large = out_dir / f"{name}_v{version}_model.pt"
             shutil.copyfile(weights, large)
             entry = {"path": "models/model.pt", "url": _url(large, base_url), "hash_val": sha256(large)}
-            listing = {"large_files": [{**entry, "hash_type": "sha256"}]}
-            contents[f"{name}/large_files.yml"] = yaml.safe_dump(listing, sort_keys=False).encode()
+            entries.append({**entry, "hash_type": "sha256"})
         else:
             contents[f"{name}/models/model.pt"] = Path(weights).read_bytes()
+        contents.pop(listing_name, None)
+        if entries:
+            contents[listing_name] = yaml.safe_dump({"large_files": entries}, sort_keys=False).encode()
     with zipfile.ZipFile(target, "w") as archive:
         for arcname in sorted(contents):
             _add(archive, arcname, contents[arcname])

@@ -1,0 +1,99 @@
+"""The command lines the READMEs print, run as subprocesses from a copy of each bundle folder (what a fresh clone
+has): ``run training``, ``run evaluating`` over train+evaluate and over inference, with ``--meta_file`` and
+``--logging_file``, and small overrides. Every checkpoint written carries the record of its patch-merging order, and
+the evaluation and inference that load it say that they followed it. (``torchrun ... run training``: the bundles'
+torchrun tests.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import BTCV_BUNDLE, REPO, SMALL, write_ct_case, write_msd_task
+
+from swin_unetr_kit.msd import task_settings
+from swin_unetr_kit.record import RECORD_KEY
+
+MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
+SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
+TRAIN_AND_EVALUATE = "['configs/train.json','configs/evaluate.json']"  # as typed, quotes included, in the READMEs
+# one iteration per epoch, validation after it: the least that writes model.pt and latest.pt
+ONE_STEP = {"train#trainer#epoch_length": 1, "train#trainer#max_epochs": 1, "val_interval": 1}
+
+
+def fresh_copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / bundle.name))
+
+
+def monai_bundle(folder: Path, *args: str, **overrides) -> str:
+    """``python -m monai.bundle <args> --meta_file ... --logging_file ... --key value ...`` in ``folder``; its log."""
+    cmd = [sys.executable, "-m", "monai.bundle", *args]
+    cmd += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
+    cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+    result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)}:\n{log[-4000:]}"
+    return log
+
+
+def assert_recorded(checkpoint: Path, feature_size: int = 12) -> None:
+    record = torch.load(checkpoint, weights_only=True)[RECORD_KEY]
+    assert record["patch_merging"] == "merging" and record["network"]["feature_size"] == feature_size
+
+
+def test_btcv_commands(synthetic_dataset, tmp_path):
+    folder = fresh_copy(BTCV_BUNDLE, tmp_path)
+    small = {**SMALL, "dataset_dir": str(synthetic_dataset)}
+    monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small, **ONE_STEP)
+    for name in ("model.pt", "latest.pt"):
+        assert_recorded(folder / "models" / name)
+
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", TRAIN_AND_EVALUATE, **small)
+    assert "patch merging: merging for ./models/model.pt: as its record says" in log
+    assert len(json.loads((folder / "eval" / "metrics.json").read_text())["per_case"]) == 2
+
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
+    assert "as its record says" in log and (folder / "eval" / "test0_seg.nii.gz").is_file()
+
+
+def test_msd_commands(tmp_path):
+    folder = fresh_copy(MSD_BUNDLE, tmp_path)
+    task = "Task09_Spleen"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, MSD_BUNDLE / "configs" / "tasks.json"), 3)
+    small = {k: v for k, v in SMALL.items() if k != "pixdim"} | {"dataset_dir": str(dataset)}
+    monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small, **ONE_STEP, num_folds=3)
+    for name in ("model.pt", "latest.pt"):
+        assert_recorded(folder / "models" / task / name)
+
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", TRAIN_AND_EVALUATE, **small, num_folds=3)
+    assert "as its record says" in log
+
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
+    assert "as its record says" in log
+
+
+def test_ssl_commands(tmp_path):
+    folder = fresh_copy(SSL_BUNDLE, tmp_path)
+    for i in range(3):
+        write_ct_case(tmp_path / "ct", f"ct{i}", seed=i)
+    small = {
+        "dataset_dir": str(tmp_path / "ct"),
+        "feature_size": 12,
+        "roi_size": [64, 64, 64],
+        "num_samples": 1,
+        "val_num_samples": 1,
+        "batch_size": 1,
+        "num_workers": 0,
+        "val_fraction": 0.34,
+        "num_steps": 1,
+        "val_interval": 1,
+    }
+    monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small)
+    for name in ("model.pt", "latest.pt"):
+        assert_recorded(folder / "models" / name)
