@@ -158,7 +158,7 @@ class CpuInference:
         what = {"fp32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic quantization of the Linear layers"}
         runtime = "ONNX Runtime" if self.runtime == "onnxruntime" else "PyTorch eager"
         threads = self.threads or torch.get_num_threads()
-        return f"CPU inference: {what[self.precision]}, {runtime}, {threads} threads ({self.reason})"
+        return f"CPU inference: {what[self.precision]}, {runtime}, {threads} thread(s) ({self.reason})"
 
     def __call__(self, network: nn.Module, window_shape: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         """What runs windows of ``window_shape`` (batch, channels, spatial...) for ``network``: the network itself

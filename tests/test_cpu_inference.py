@@ -151,14 +151,13 @@ def test_monai_label_gets_the_configs_choice(bundle, caplog):
     assert len(lines) == 1 and lines[0].startswith("CPU inference: int8")
 
 
-@pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
-def test_every_lever_is_a_one_line_override_and_the_default_is_fp32(config):
-    for bundle in (BTCV_BUNDLE, MSD_BUNDLE):
+@pytest.mark.parametrize("bundle", [BTCV_BUNDLE, MSD_BUNDLE])
+def test_every_lever_is_a_one_line_override_and_the_default_is_fp32(bundle):
+    for files, inferer in ((["inference"], "inferer"), (["train", "evaluate"], "validate#inferer")):
         parser = ConfigParser()
-        parser.read_config(str(bundle / "configs" / config))
+        parser.read_config(configs(*files, bundle=bundle))
         assert (parser["cpu_precision"], parser["cpu_runtime"], parser["cpu_threads"]) == ("fp32", "torch", 0)
-        inferer = parser["inferer"] if config == "inference.json" else parser["validate#inferer#prepare_network"]
-        assert (inferer["prepare_network"] if config == "inference.json" else inferer) == "@cpu_inference"
+        assert parser[inferer]["prepare_network"] == "@cpu_inference"
 
 
 def test_bundle_inference_command_logs_the_choice(synthetic_dataset, tmp_path):
