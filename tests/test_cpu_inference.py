@@ -89,7 +89,12 @@ def test_auto_on_this_machine_logs_one_line(network_and_window, caplog):
     [
         ({"precision": "fp32"}, 0.0, 1.0),
         ({"precision": "int8"}, 1e-3, 0.98),
-        ({"precision": "bf16", "flags": {"avx512_bf16"}}, 5e-3, 0.95),  # emulated where the CPU lacks it: slow
+        pytest.param(
+            {"precision": "bf16"},
+            5e-3,
+            0.95,
+            marks=pytest.mark.skipif(not native_bf16(), reason="no native bf16: emulated, minutes at this size"),
+        ),
     ],
 )
 def test_each_lever_agrees_with_the_eager_network(network_and_window, settings, max_mean_difference, min_agreement):
@@ -102,6 +107,19 @@ def test_each_lever_agrees_with_the_eager_network(network_and_window, settings, 
     assert (probabilities - expected).abs().mean() <= max_mean_difference
     assert (probabilities.argmax(1) == expected.argmax(1)).float().mean() >= min_agreement
     assert all(p.dtype == torch.float32 for p in network.parameters())  # the network itself is left as it was
+
+
+def test_bf16_lever_computes_in_bf16_and_returns_fp32():
+    """The bf16 wrapper on any CPU (emulated where not native, hence a small layer): products rounded to bf16, the
+    output back in fp32 for the blending."""
+    torch.manual_seed(0)
+    layer = torch.nn.Conv3d(1, 4, 3).eval()
+    window = torch.rand(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        runner = CpuInference("bf16", flags={"avx512_bf16"})(layer, window.shape)
+        output, expected = runner(window), layer(window)
+    assert output.dtype == torch.float32 and not torch.equal(output, expected)
+    torch.testing.assert_close(output, expected, rtol=2e-2, atol=2e-2)  # bf16 keeps 8 bits of mantissa
 
 
 def test_onnxruntime_lever_matches_the_eager_network_at_any_batch(network_and_window):

@@ -108,3 +108,16 @@ def test_benchmark_levers_skip_bf16_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(cpu_inference, "native_bf16", lambda flags=None: True)
     assert _pipelines("cpu")["ours + bf16"][0] == {"infer": {"cpu_precision": "bf16"}}
     assert _pipelines("cuda").keys().isdisjoint({"ours + bf16", "ours + int8"})  # GPU runs are left as they are
+
+
+def test_benchmark_make_weights_saves_loadable_fine_tuned_weights(sample_dataset, tmp_path):
+    """``python tools/benchmark.py make_weights`` at the small size, one iteration: weights the benchmark can load."""
+    import torch
+    from benchmark import make_weights
+    from monai.networks.nets import SwinUNETR
+
+    out = tmp_path / "weights" / "small.pt"
+    make_weights(size="small", iterations=1, out=str(out), dataset_dir=str(sample_dataset))
+    assert out.is_file() and not out.with_suffix(".partial").exists()
+    network = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
+    network.load_state_dict(torch.load(out, weights_only=True))

@@ -232,10 +232,18 @@ def matmul_peak_flops(device: str, dtype: str = "float32", repeats: int = 10) ->
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def levers(size: str = "paper", repeats: int = 3, batch: int = 1, ckpt: str | None = None, out: str | None = None):
+def levers(
+    size: str = "paper",
+    repeats: int = 3,
+    batch: int = 1,
+    ckpt: str | None = None,
+    out: str | None = None,
+    only: str | Sequence[str] | None = None,
+) -> None:
     """Time each CPU inference lever on the same window(s) in ONE process, the levers interleaved (every round runs
     each once), so that other load on a shared machine slows all of them alike: ratios to the reference's time, not
-    absolute speeds. Agreement is with the reference's output on the same window (random weights unless ``ckpt``)."""
+    absolute speeds. Agreement is with the reference's output on the same window (random weights unless ``ckpt``).
+    ``only``: the levers to time (comma-separated names; the reference always runs)."""
     from monai.networks.nets import SwinUNETR
 
     from swin_unetr_kit.cpu_inference import CpuInference, native_bf16
@@ -259,12 +267,16 @@ def levers(size: str = "paper", repeats: int = 3, batch: int = 1, ckpt: str | No
         variants["SDPA + bf16"] = (sdpa, {"precision": "bf16"}, threads)
     if threads > 1:
         variants["SDPA, 1 thread"] = (sdpa, {}, 1)
+    if only:
+        wanted = {"reference (fp32, no SDPA)", *(only.split(",") if isinstance(only, str) else only)}
+        variants = {name: variant for name, variant in variants.items() if name in wanted}
     runners, setup = {}, {}
     with torch.no_grad():
         for name, (network, settings, _) in variants.items():
             start = time.perf_counter()
             runners[name] = CpuInference(**settings)(network, shape)
             setup[name] = time.perf_counter() - start
+            print(f"{name}: ready in {setup[name]:.1f} s", file=sys.stderr, flush=True)
         times: dict[str, list[float]] = {name: [] for name in variants}
         outputs, names = {}, list(variants)
         for round_ in range(repeats + 1):  # round 0 warms up each; the order rotates so none always runs first
@@ -274,6 +286,7 @@ def levers(size: str = "paper", repeats: int = 3, batch: int = 1, ckpt: str | No
                 outputs[name] = runners[name](window).float()
                 if round_:
                     times[name].append(time.perf_counter() - start)
+                print(f"round {round_}, {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
                 torch.set_num_threads(threads)
     expected = torch.softmax(outputs["reference (fp32, no SDPA)"], 1)
     ref_seconds = min(times["reference (fp32, no SDPA)"])
