@@ -3,6 +3,16 @@
 Bundles reach them from their configs as ``swin_unetr_kit.<module>.<name>``.
 """
 
-from swin_unetr_kit import checkpoint, data, metrics, msd, pretrained, record, runtime, settings
+from swin_unetr_kit import checkpoint, cpu_inference, data, metrics, msd, pretrained, record, runtime, settings
 
-__all__ = ["checkpoint", "data", "metrics", "msd", "pretrained", "record", "runtime", "settings"]
+__all__ = [
+    "checkpoint",
+    "cpu_inference",
+    "data",
+    "metrics",
+    "msd",
+    "pretrained",
+    "record",
+    "runtime",
+    "settings",
+]

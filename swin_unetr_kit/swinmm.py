@@ -462,6 +462,8 @@ class MultiViewSlidingWindowInferer(SlidingWindowInferer):
       identity view alone it gives the softmax (and labels) of plain sliding-window inference: the fused output is the
       log-softmax of the logits, which differs from them by a per-voxel constant that blending and softmax cancel.
       Only views that keep the window's shape are taken: all seven for a cubic ``roi_size``, three for 128 x 128 x 32.
+    ``prepare_network(network, window_shape)``, once per volume, gives what runs the windows instead of a plain
+    network (the bundles pass :class:`~swin_unetr_kit.cpu_inference.CpuInference`); a cross-view network runs as it is.
     """
 
     def __init__(
@@ -470,6 +472,7 @@ class MultiViewSlidingWindowInferer(SlidingWindowInferer):
         num_views: int = 1,
         activation: str = "softmax",
         views: Sequence[View] | None = None,
+        prepare_network: Callable[[nn.Module, Sequence[int]], Callable[..., torch.Tensor]] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(roi_size=roi_size, **kwargs)
@@ -490,6 +493,7 @@ class MultiViewSlidingWindowInferer(SlidingWindowInferer):
         _probabilities(torch.zeros(1, 1), activation)  # checks the activation's name
         self.views = list(views)
         self.activation = activation
+        self.prepare_network = prepare_network
 
     def predict_views(self, window: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs):
         outputs = [view.invert(network(view.apply(window), *args, **kwargs)) for view in self.views]
@@ -499,6 +503,8 @@ class MultiViewSlidingWindowInferer(SlidingWindowInferer):
         cross_view = _cross_view_network(network)
         if cross_view is not None:
             return self.cross_view_inference(inputs, cross_view, *args, **kwargs)
+        if self.prepare_network is not None and isinstance(network, nn.Module):
+            network = self.prepare_network(network, (self.sw_batch_size, inputs.shape[1], *self.roi_size))
 
         def fused(window: torch.Tensor, *a, **k) -> torch.Tensor:
             return self.predict_views(window, network, *a, **k)

@@ -76,3 +76,48 @@ def test_benchmark_counts_network_flops():
     flops = network_flops(SwinUNETR(in_channels=1, out_channels=14, feature_size=12), [1, 64, 64, 64])
     assert flops["forward"] > 1e10  # feature_size 12 at 64^3: tens of GFLOPs
     assert 2 * flops["forward"] < flops["training"] < 4 * flops["forward"]  # backward costs about twice the forward
+
+
+def test_benchmark_softmax_difference_and_confidence(tmp_path):
+    from benchmark import _softmax_agreement
+
+    reference = np.zeros((1, 3, 2, 2, 2), np.float16)
+    reference[:, 0] = 1.0  # every voxel sure of class 0
+    other = reference.copy()
+    other[:, 0], other[:, 1] = 0.5, 0.5
+    np.save(tmp_path / "a.npy", reference)
+    np.save(tmp_path / "b.npy", other)
+    agreement = _softmax_agreement(tmp_path / "a.npy", tmp_path / "b.npy")
+    assert agreement == {"softmax_mean_abs_difference": 1.0 / 3, "reference_confidence": 1.0}
+
+
+def test_benchmark_levers_skip_bf16_on_a_cpu_without_native_bf16(monkeypatch):
+    from benchmark import _compute_dtype, _pipelines
+
+    from swin_unetr_kit import cpu_inference
+
+    monkeypatch.setattr(cpu_inference, "native_bf16", lambda flags=None: False)
+    pipelines = _pipelines("cpu")
+    assert pipelines["ours + bf16"].startswith("not applicable")
+    assert pipelines["ours + int8"][0] == {"infer": {"cpu_precision": "int8"}}
+    assert pipelines["ours + ONNX Runtime"][0] == {"infer": {"cpu_runtime": "onnxruntime"}}
+    combined = next(name for name in pipelines if name.startswith("ours + int8") and "sw_batch_size 1" in name)
+    assert pipelines[combined][0]["infer"]["cpu_precision"] == "int8"
+    assert _compute_dtype({"cpu_precision": "int8"}, "cpu") == "int8"
+    assert _compute_dtype({}, "cpu") == "float32"
+    monkeypatch.setattr(cpu_inference, "native_bf16", lambda flags=None: True)
+    assert _pipelines("cpu")["ours + bf16"][0] == {"infer": {"cpu_precision": "bf16"}}
+    assert _pipelines("cuda").keys().isdisjoint({"ours + bf16", "ours + int8"})  # GPU runs are left as they are
+
+
+def test_benchmark_make_weights_saves_loadable_fine_tuned_weights(sample_dataset, tmp_path):
+    """``python tools/benchmark.py make_weights`` at the small size, one iteration: weights the benchmark can load."""
+    import torch
+    from benchmark import make_weights
+    from monai.networks.nets import SwinUNETR
+
+    out = tmp_path / "weights" / "small.pt"
+    make_weights(size="small", iterations=1, out=str(out), dataset_dir=str(sample_dataset))
+    assert out.is_file() and not out.with_suffix(".partial").exists()
+    network = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
+    network.load_state_dict(torch.load(out, weights_only=True))

@@ -83,19 +83,35 @@ def _gpu_peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def infer_worker(overrides_file: str) -> None:
-    """(child process) Run the inference workflow once; print its time, windows run and peak memory as JSON."""
+def infer_worker(overrides_file: str, softmax_file: str | None = None) -> None:
+    """(child process) Run the inference workflow once; print its time, windows run and peak memory as JSON, and
+    save the softmax of the (one) volume to ``softmax_file`` (float16 .npy; the saving is not timed)."""
+    import numpy as np
     from monai.bundle import ConfigWorkflow
 
     settings = json.loads(Path(overrides_file).read_text())
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **settings)
     workflow.initialize()
     evaluator = workflow.parser.get_parsed_content("evaluator")
-    windows = []
-    evaluator.network.register_forward_hook(lambda module, args, output: windows.append(args[0].shape[0]))
+    inferer, windows, saving = evaluator.inferer, [], []
+    prepare = inferer.prepare_network  # what runs the windows may be a conversion of the network: count its calls
+
+    def counted(network: torch.nn.Module, window_shape: Sequence[int]):
+        run = prepare(network, window_shape) if prepare else network
+        return lambda x, *args, **kwargs: windows.append(x.shape[0]) or run(x, *args, **kwargs)
+
+    def saved(inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+        output = inferer(inputs, network, *args, **kwargs)
+        if softmax_file:
+            start = time.perf_counter()
+            np.save(softmax_file, torch.softmax(torch.as_tensor(output).float(), 1).half().numpy())
+            saving.append(time.perf_counter() - start)
+        return output
+
+    inferer.prepare_network, evaluator.inferer = counted, saved
     usage, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     workflow.run()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - sum(saving)
     kernel = _kernel_share(usage, resource.getrusage(resource.RUSAGE_SELF))
     workflow.finalize()
     result = {"seconds": seconds, "windows": sum(windows), "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb()}
@@ -216,36 +232,245 @@ def matmul_peak_flops(device: str, dtype: str = "float32", repeats: int = 10) ->
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def levers(
+    size: str = "paper",
+    repeats: int = 3,
+    batch: int = 1,
+    ckpt: str | None = None,
+    out: str | None = None,
+    only: str | Sequence[str] | None = None,
+) -> None:
+    """Time each CPU inference lever on the same window(s) in ONE process, the levers interleaved (every round runs
+    each once), so that other load on a shared machine slows all of them alike: ratios to the reference's time, not
+    absolute speeds. Agreement is with the reference's output on the same window (random weights unless ``ckpt``).
+    ``only``: the levers to time (comma-separated names; the reference always runs)."""
+    from monai.networks.nets import SwinUNETR
+
+    from swin_unetr_kit.cpu_inference import CpuInference, native_bf16
+
+    feature_size, roi = SIZES[size]["network_def#feature_size"], SIZES[size]["roi_size"]
+    torch.manual_seed(0)
+    reference = SwinUNETR(in_channels=1, out_channels=14, feature_size=feature_size).eval()
+    if ckpt:
+        reference.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    sdpa = SwinUNETR(in_channels=1, out_channels=14, feature_size=feature_size, use_flash_attention=True).eval()
+    sdpa.load_state_dict(reference.state_dict())
+    window = torch.rand(batch, 1, *roi)
+    shape, threads = tuple(window.shape), torch.get_num_threads()
+    variants: dict[str, tuple] = {  # name -> (network, settings of CpuInference, threads)
+        "reference (fp32, no SDPA)": (reference, {}, threads),
+        "SDPA": (sdpa, {}, threads),
+        "SDPA + int8": (sdpa, {"precision": "int8"}, threads),
+        "ONNX Runtime": (sdpa, {"runtime": "onnxruntime"}, threads),
+    }
+    if native_bf16():
+        variants["SDPA + bf16"] = (sdpa, {"precision": "bf16"}, threads)
+    if threads > 1:
+        variants["SDPA, 1 thread"] = (sdpa, {}, 1)
+    if only:
+        wanted = {"reference (fp32, no SDPA)", *(only.split(",") if isinstance(only, str) else only)}
+        variants = {name: variant for name, variant in variants.items() if name in wanted}
+    runners, setup = {}, {}
+    with torch.no_grad():
+        for name, (network, settings, _) in variants.items():
+            start = time.perf_counter()
+            runners[name] = CpuInference(**settings)(network, shape)
+            setup[name] = time.perf_counter() - start
+            print(f"{name}: ready in {setup[name]:.1f} s", file=sys.stderr, flush=True)
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        outputs, names = {}, list(variants)
+        for round_ in range(repeats + 1):  # round 0 warms up each; the order rotates so none always runs first
+            for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+                torch.set_num_threads(variants[name][2])
+                start = time.perf_counter()
+                outputs[name] = runners[name](window).float()
+                if round_:
+                    times[name].append(time.perf_counter() - start)
+                print(f"round {round_}, {name}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+                torch.set_num_threads(threads)
+    expected = torch.softmax(outputs["reference (fp32, no SDPA)"], 1)
+    ref_seconds = min(times["reference (fp32, no SDPA)"])
+    results = {
+        "contended": "one process, levers interleaved; other load slows all alike: compare ratios only",
+        "size": size,
+        "window": list(shape),
+        "threads": threads,
+        "native_bf16": native_bf16(),
+        "bf16": "measured" if native_bf16() else "not applicable: the CPU has no native bf16 (avx512_bf16/amx_bf16)",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "levers": {},
+    }
+    for name in variants:
+        probabilities = torch.softmax(outputs[name], 1)
+        results["levers"][name] = {
+            "seconds_per_window": [t / batch for t in times[name]],
+            "speed_vs_reference": ref_seconds / min(times[name]),
+            "setup_seconds": setup[name],
+            "label_agreement": (probabilities.argmax(1) == expected.argmax(1)).float().mean().item(),
+            "softmax_mean_abs_difference": (probabilities - expected).abs().mean().item(),
+        }
+    print(json.dumps(results, indent=2))
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text)
 
 
-def _pipelines(device: str) -> dict[str, tuple[dict, dict]]:
-    """name -> (settings of the inference and/or the training run, environment)."""
+def _inference_levers(device: str) -> dict[str, tuple[dict, dict] | str]:
+    """The CPU inference levers (``swin_unetr_kit.cpu_inference``, the allocator, threads, sliding-window batch), each
+    on its own over the bundle's defaults and combined: name -> (settings, environment), or the reason it does not
+    apply on this machine."""
+    from swin_unetr_kit.cpu_inference import native_bf16
+
+    if device != "cpu":
+        return {}
+    fast_malloc = tcmalloc_env()
+    no_bf16 = "not applicable: the CPU has no native bf16 (avx512_bf16/amx_bf16), PyTorch would emulate it"
+    levers: dict[str, tuple[dict, dict] | str] = {
+        "ours + bf16": ({"cpu_precision": "bf16"}, {}) if native_bf16() else no_bf16,
+        "ours + int8": ({"cpu_precision": "int8"}, {}),
+        "ours + ONNX Runtime": ({"cpu_runtime": "onnxruntime"}, {}),
+        "ours, sw_batch_size 1": ({"sw_batch_size": 1}, {}),
+        "ours, sw_batch_size 8": ({"sw_batch_size": 8}, {}),
+    }
+    logical = os.cpu_count() or 1
+    if logical != torch.get_num_threads():  # PyTorch defaults to the physical cores: try the logical CPUs too
+        levers[f"ours, {logical} threads"] = ({"cpu_threads": logical}, {})
+    precision = "bf16" if native_bf16() else "int8"
+    combined = f"ours + {precision}" + (" + tcmalloc" if fast_malloc else "") + ", sw_batch_size 1"
+    levers[combined] = ({"cpu_precision": precision, "sw_batch_size": 1}, fast_malloc)
+    return levers
+
+
+def _pipelines(device: str) -> dict[str, tuple[dict, dict] | str]:
+    """name -> (settings of the inference and/or the training run, environment), or why it does not apply here."""
     fast_malloc = tcmalloc_env() if device == "cpu" else {}
-    pipelines = {"reference": (REFERENCE, {}), "ours": (OURS, {})}
+    pipelines: dict[str, tuple[dict, dict] | str] = {"reference": (REFERENCE, {}), "ours": (OURS, {})}
     if device == "cpu":
         pipelines["ours, malloc as it comes"] = (MALLOC_AS_IT_COMES, {})
         if fast_malloc:
             pipelines["ours + tcmalloc"] = (OURS, fast_malloc)
     pipelines["ours, reference blending"] = ({"infer": {"inferer#mode": "constant"}}, {})
+    for name, lever in _inference_levers(device).items():
+        pipelines[name] = lever if isinstance(lever, str) else ({"infer": lever[0]}, lever[1])
     checkpointing = "ours + tcmalloc, checkpointing" if fast_malloc else "ours, checkpointing"
     pipelines[checkpointing] = ({"train": {"network_def#use_checkpoint": True}}, fast_malloc)
     return pipelines
 
 
+def int8_linear_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a dynamically quantized int8 Linear layer on an n x n input: the practical peak of the int8 lever."""
+    layer = torch.ao.nn.quantized.dynamic.Linear(n, n, dtype=torch.qint8)
+    x = torch.rand(n, n)
+    layer(x)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        layer(x)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def _peaks(device: str) -> dict[str, float]:
+    """The practical peak FLOP/s per compute dtype the pipelines use on ``device``."""
+    from swin_unetr_kit.cpu_inference import native_bf16
+
+    if device == "cuda":
+        return {"float32": matmul_peak_flops(device), "float16": matmul_peak_flops(device, "float16")}
+    peaks = {"float32": matmul_peak_flops(device), "int8": int8_linear_peak_flops()}
+    if native_bf16():
+        peaks["bfloat16"] = matmul_peak_flops(device, "bfloat16")
+    return peaks
+
+
+def _compute_dtype(settings: dict, device: str) -> str:
+    precision = settings.get("cpu_precision", "fp32")
+    if device == "cuda":
+        return "float32" if settings.get("amp") is False else "float16"
+    return {"bf16": "bfloat16", "int8": "int8"}.get(precision, "float32")
+
+
+def _softmax_agreement(reference: Path, other: Path, chunk: int = 1) -> dict:
+    """Mean absolute difference of two saved softmax outputs (channels first), and the reference's mean confidence
+    (its top probability averaged over voxels: near 1 for confident weights, near 1/classes for random ones)."""
+    import numpy as np
+
+    a, b = np.load(reference, mmap_mode="r"), np.load(other, mmap_mode="r")
+    if a.shape != b.shape:
+        return {"softmax_mean_abs_difference": None}
+    total = sum(float(np.abs(a[i].astype(np.float32) - b[i].astype(np.float32)).sum()) for i in range(a.shape[0]))
+    confidence = float(np.mean(np.max(a[0], axis=0), dtype=np.float64))
+    return {"softmax_mean_abs_difference": total / a.size, "reference_confidence": confidence}
+
+
+def default_weights(size: str) -> Path:
+    """Where ``make_weights`` keeps the fine-tuned network of ``size`` (outside git), and the benchmark looks for it."""
+    import sample_data
+
+    return sample_data.cache_dir() / "benchmark" / f"{size}_finetuned.pt"
+
+
+def make_weights(
+    size: str = "paper",
+    iterations: int = 200,
+    learning_rate: float = 5e-4,
+    out: str | None = None,
+    dataset_dir: str | None = None,
+) -> None:
+    """Fine-tune the network of ``size`` briefly on the sample CT with the bundle's train.json, from its random
+    initialisation, and save its weights to ``out`` (default: :func:`default_weights`): weights whose predictions are
+    confident, so that the benchmark's agreement figures mean something (random weights give near-ties everywhere).
+    Not a model to segment with: it has seen one volume."""
+    import sample_data
+    from monai.bundle import ConfigWorkflow
+
+    dataset_dir = dataset_dir or sample_data.prepare()
+    target = Path(out) if out else default_weights(size)
+    work = Path(tempfile.mkdtemp(prefix="swin_unetr_weights_"))
+    torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
+    datalist = work / "datalist.json"
+    case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
+    datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
+    overrides = {**SIZES[size], "num_workers": 0, "dataset_dir": dataset_dir, "datalist": str(datalist)}
+    overrides.update({"bundle_root": str(work), "check_data": False, "resume": False, "val_interval": 10**6})
+    overrides.update({"learning_rate": learning_rate, "train#trainer#max_epochs": 1})
+    overrides["train#trainer#epoch_length"] = iterations
+    torch.manual_seed(0)
+    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train", **overrides)
+    workflow.initialize()
+    workflow.run()
+    network = workflow.parser.get_parsed_content("network")
+    workflow.finalize()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    torch.save(network.state_dict(), partial)
+    partial.replace(target)  # atomic: a run that stops leaves no half-written weights
+    print(f"fine-tuned {size} weights ({iterations} iterations on the sample CT): {target}")
+
+
 def main(
     size: str = "small",
+    workflow: str = "all",
     iterations: int = 6,
     warmup: int = 2,
     out: str | None = None,
     ckpt: str | None = None,
     dataset_dir: str | None = None,
+    pipelines: str | Sequence[str] | None = None,
 ) -> None:
-    """Benchmark inference and training of the pipelines; print a table, write JSON to ``out``."""
+    """Benchmark inference and/or training (``workflow``: inference, training or all) of the pipelines (all, or the
+    comma-separated names in ``pipelines``; the reference always runs); print a table, write JSON to ``out``.
+
+    The network's weights: ``ckpt``, else those of ``make_weights`` for ``size`` where they exist, else seeded random
+    weights (agreement figures then mean little; the results say which)."""
     import sample_data
     from monai.bundle import ConfigWorkflow
 
+    from swin_unetr_kit.cpu_inference import cpu_flags, native_bf16
+
+    if workflow not in ("inference", "training", "all"):
+        raise ValueError(f"workflow must be inference, training or all, got {workflow!r}")
+    began = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = {**SIZES[size], "num_workers": 0}
     dataset_dir = dataset_dir or sample_data.prepare()
@@ -254,96 +479,134 @@ def main(
     config = str(BUNDLE / "configs" / "inference.json")
     parser = ConfigWorkflow(config_file=config, workflow_type="infer", **base).parser
     network = parser.get_parsed_content("network_def")
+    if ckpt is None and default_weights(size).is_file():
+        ckpt = str(default_weights(size))
+    weights = ckpt or "seeded random (run make_weights for confident ones)"
     if ckpt is None:  # the same seeded random weights for every pipeline
         ckpt = str(work / "weights.pt")
         torch.save(network.state_dict(), ckpt)
+    else:
+        network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     flops = network_flops(network, [parser["in_channels"], *parser["roi_size"]])
     torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
-    inputs = {"sample CT": torso, "512x512x150": native_resolution_ct(torso, work / "native_ct.nii.gz")}
     case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
     datalist = work / "datalist.json"  # the sample CT twice, so that the reference's batch of 2 volumes is full
     datalist.write_text(json.dumps({"training": [case, case], "validation": [case]}))
-    amp_dtype = "float16" if device == "cuda" else "float32"
+    flags = cpu_flags()
     results: dict = {
         "size": size,
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "cpu": {
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": native_bf16(),
+            "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+        },
+        "weights": weights,
         "network_flops_per_window": flops,
-        "matmul_peak_flops": matmul_peak_flops(device, amp_dtype),
+        "peak_flops": _peaks(device),
         "inference": {},
         "training": {},
     }
-    pipelines = _pipelines(device)
-    inference = {name: (settings["infer"], env) for name, (settings, env) in pipelines.items() if "infer" in settings}
-    training = {name: (settings["train"], env) for name, (settings, env) in pipelines.items() if "train" in settings}
-    for input_name, path in inputs.items():
-        rows = results["inference"][input_name] = {}
-        for name, (settings, env) in inference.items():
-            folder = work / "infer" / _slug(f"{input_name} {name}")
-            overrides = {**base, **settings, "input": str(path), "ckpt_path": ckpt}
-            rows[name] = _child(
-                env, "infer_worker", {**overrides, "output_dir": str(folder), "bundle_root": str(folder)}
-            )
-            rows[name]["flops_per_second"] = rows[name]["windows"] * flops["forward"] / rows[name]["seconds"]
-            rows[name]["label_map"] = str(next(folder.glob("*_seg.nii.gz")))
-        for name in inference:
-            rows[name]["dice_agreement"] = _dice_agreement(
-                Path(rows["reference"]["label_map"]), Path(rows[name]["label_map"])
-            )
-    for name, (settings, env) in training.items():
-        folder = work / "train" / _slug(name)
-        overrides = {**base, **settings, "dataset_dir": dataset_dir, "datalist": str(datalist)}
-        overrides.update({"bundle_root": str(folder), "check_data": False, "resume": False})
-        row = results["training"][name] = _child(env, "train_worker", overrides, str(iterations), str(warmup))
-        row["flops_per_second"] = row["crops_per_second"] * flops["training"]
+    chosen = _pipelines(device)
+    if pipelines:
+        wanted = {"reference", *(pipelines.split(",") if isinstance(pipelines, str) else pipelines)}
+        unknown = wanted - set(chosen)
+        if unknown:
+            raise ValueError(f"unknown pipelines {sorted(unknown)}; known: {list(chosen)}")
+        chosen = {name: value for name, value in chosen.items() if name in wanted}
+    not_applicable = {name: reason for name, reason in chosen.items() if isinstance(reason, str)}
+    runnable = {name: value for name, value in chosen.items() if not isinstance(value, str)}
+    inference = {name: (settings["infer"], env) for name, (settings, env) in runnable.items() if "infer" in settings}
+    training = {name: (settings["train"], env) for name, (settings, env) in runnable.items() if "train" in settings}
+    if workflow in ("inference", "all"):
+        inputs = {"sample CT": torso, "512x512x150": native_resolution_ct(torso, work / "native_ct.nii.gz")}
+        for input_name, path in inputs.items():
+            rows = results["inference"][input_name] = {}
+            for name, (settings, env) in inference.items():
+                folder = work / "infer" / _slug(f"{input_name} {name}")
+                overrides = {**base, **settings, "input": str(path), "ckpt_path": ckpt}
+                overrides.update({"output_dir": str(folder), "bundle_root": str(folder)})
+                rows[name] = _child(env, "infer_worker", overrides, str(folder / "softmax.npy"))
+                dtype = _compute_dtype({**REFERENCE["infer"], **settings} if name == "reference" else settings, device)
+                rows[name]["compute_dtype"] = dtype
+                rows[name]["flops_per_second"] = rows[name]["windows"] * flops["forward"] / rows[name]["seconds"]
+                rows[name]["share_of_peak"] = rows[name]["flops_per_second"] / results["peak_flops"][dtype]
+                rows[name]["label_map"] = str(next(folder.glob("*_seg.nii.gz")))
+            reference_folder = work / "infer" / _slug(f"{input_name} reference")
+            for name in inference:
+                folder = work / "infer" / _slug(f"{input_name} {name}")
+                rows[name]["dice_agreement"] = _dice_agreement(
+                    Path(rows["reference"]["label_map"]), Path(rows[name]["label_map"])
+                )
+                rows[name].update(_softmax_agreement(reference_folder / "softmax.npy", folder / "softmax.npy"))
+            for name in inference:
+                if name != "reference":
+                    (work / "infer" / _slug(f"{input_name} {name}") / "softmax.npy").unlink()  # ~100s of MB each
+            rows.update({name: {"not_applicable": reason} for name, reason in not_applicable.items()})
+    if workflow in ("training", "all"):
+        for name, (settings, env) in training.items():
+            folder = work / "train" / _slug(name)
+            overrides = {**base, **settings, "dataset_dir": dataset_dir, "datalist": str(datalist)}
+            overrides.update({"bundle_root": str(folder), "check_data": False, "resume": False})
+            row = results["training"][name] = _child(env, "train_worker", overrides, str(iterations), str(warmup))
+            row["flops_per_second"] = row["crops_per_second"] * flops["training"]
+            dtype = _compute_dtype({**REFERENCE["train"], **settings} if name == "reference" else settings, device)
+            row["share_of_peak"] = row["flops_per_second"] / results["peak_flops"][dtype]
+    results["benchmark_seconds"] = time.perf_counter() - began
     _print_table(results)
     if out:
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _print_table(results: dict) -> None:
-    """Print every figure with its ratio to the reference."""
-    peak = results["matmul_peak_flops"]
-    print(f"{results['size']} configuration on {results['device']}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+    """Print every figure, one line per pipeline, with its ratio to the reference."""
+    peaks = ", ".join(f"{dtype} {flops / 1e9:.1f}" for dtype, flops in results["peak_flops"].items())
+    print(f"{results['size']} configuration on {results['device']}; weights: {results['weights']}")
+    print(f"practical peak GFLOP/s: {peaks}; benchmark took {results['benchmark_seconds'] / 60:.1f} min")
 
     def block(title: str, rows: dict, figures: list[tuple[str, str]]) -> None:
-        names = list(rows)
-        width = max(27, *(len(n) + 2 for n in names))
-        print(f"\n{title:34}" + "".join(f"{n:>{width}}" for n in names))
-        for label, key in figures:
-            ref = rows["reference"][key]
-            cells = "".join(
-                f"{rows[n][key]:>{width - 9}.3f} ({rows[n][key] / ref:5.2f}x)" if ref else f"{rows[n][key]:>{width}.3f}"
-                for n in names
-            )
-            print(f"{label:34}" + cells)
-        print(
-            f"{'share of matmul peak':34}" + "".join(f"{rows[n]['flops_per_second'] / peak:>{width}.3f}" for n in names)
-        )
+        width = max(len(name) for name in rows) + 2
+        print(f"\n{title}\n{'':{width}}" + "".join(f"{label:>24}" for label, _ in figures))
+        for name, row in rows.items():
+            if "not_applicable" in row:
+                print(f"{name:{width}}{row['not_applicable']}")
+                continue
+            cells = []
+            for _, key in figures:
+                value, ref = row.get(key), rows["reference"].get(key)
+                if value is None:
+                    cells.append(f"{'-':>24}")
+                elif ref and key not in ("dice_agreement", "share_of_peak", "softmax_mean_abs_difference"):
+                    cells.append(f"{value:>15.3f} ({value / ref:5.2f}x)")
+                else:
+                    cells.append(f"{value:>24.4f}")
+            print(f"{name:{width}}" + "".join(cells))
 
     gpu = [("peak GPU MB", "peak_gpu_mb")] if not results["device"].startswith("cpu") else []
     for input_name, rows in results["inference"].items():
-        figures = [("s per volume", "seconds"), ("kernel share of CPU time", "kernel_time_share")]
-        figures += [("minor page faults", "minor_page_faults"), ("peak RSS MB", "peak_rss_mb"), *gpu]
-        block(f"inference, {input_name}", rows, [*figures, ("Dice agreement with reference", "dice_agreement")])
-    block(
-        "training",
-        results["training"],
-        [
-            ("s per iteration", "seconds_per_iteration"),
-            ("volumes per s", "volumes_per_second"),
-            ("crops per s", "crops_per_second"),
-            ("data-wait share", "data_share"),
-            ("kernel share of CPU time", "kernel_time_share"),
-            ("minor page faults per iteration", "minor_page_faults"),
-            ("peak RSS MB", "peak_rss_mb"),
-            *gpu,
-        ],
-    )
+        confidence = rows["reference"].get("reference_confidence")
+        title = f"inference, {input_name} (reference's mean top softmax probability {confidence:.3f})"
+        figures = [("s per volume", "seconds"), ("peak RSS MB", "peak_rss_mb"), *gpu]
+        figures += [("Dice agreement", "dice_agreement"), ("softmax mean abs diff", "softmax_mean_abs_difference")]
+        figures += [("share of dtype peak", "share_of_peak"), ("kernel share of CPU", "kernel_time_share")]
+        block(title, rows, figures)
+    if results["training"]:
+        block(
+            "training",
+            results["training"],
+            [
+                ("s per iteration", "seconds_per_iteration"),
+                ("crops per s", "crops_per_second"),
+                ("data-wait share", "data_share"),
+                ("kernel share of CPU", "kernel_time_share"),
+                ("peak RSS MB", "peak_rss_mb"),
+                ("share of dtype peak", "share_of_peak"),
+                *gpu,
+            ],
+        )
 
 
 if __name__ == "__main__":
-    fire.Fire(
-        {"main": main, "infer_worker": infer_worker, "train_worker": train_worker}
-        if len(sys.argv) > 1 and sys.argv[1] in ("infer_worker", "train_worker")
-        else main
-    )
+    commands = {"infer_worker": infer_worker, "train_worker": train_worker, "levers": levers}
+    commands["make_weights"] = make_weights
+    fire.Fire({"main": main, **commands} if len(sys.argv) > 1 and sys.argv[1] in commands else main)

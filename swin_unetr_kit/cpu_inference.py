@@ -1,0 +1,191 @@
+"""CPU inference levers for the segmentation bundles, each a one-line override of ``inference.json``/``evaluate.json``.
+
+The bundles' sliding-window inferer hands its network to :class:`CpuInference` once per volume; on the CPU it returns
+what runs the windows:
+
+* precision ``"fp32"``: the network as it is (the default);
+* ``"bf16"``: the network under bfloat16 autocast. Fast only where the CPU computes in bf16 natively (AVX512-BF16 or
+  AMX); elsewhere PyTorch emulates bf16 and is slower than fp32, so it is refused there;
+* ``"int8"``: a copy with the Linear layers (all in the Swin transformer: attention and MLP) dynamically quantized to
+  int8 (``torch.ao.quantization.quantize_dynamic``), the convolutions fp32. Needs AVX2; VNNI (AVX512-VNNI or
+  AVX-VNNI) makes the int8 products faster;
+* ``"auto"``: ``"bf16"`` where the CPU has native bf16, ``"fp32"`` elsewhere;
+* runtime ``"onnxruntime"``: the network exported to ONNX (traced once, batch dimension dynamic) and run by ONNX
+  Runtime's CPU provider, fp32;
+* ``threads``: PyTorch's (and ONNX Runtime's) intra-op threads; 0 leaves them as they are.
+
+The choice is logged in one line. On a GPU the network is returned untouched. Conversions are cached per network and
+its weights' versions, so a network that is trained further is converted again rather than served stale. This sits in
+the inferer, not in the config's ``network``, because MONAI Label builds ``network_def`` and the ``inferer`` from
+``inference.json`` and calls ``inferer(image, network)`` itself: both paths get the same choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+RUNTIMES = ("torch", "onnxruntime")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+_converted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # network -> {(settings, weights): callable}
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags the (first) CPU reports in ``cpuinfo``; empty where there is no such file."""
+    path = Path(cpuinfo)
+    if not path.is_file():
+        return frozenset()
+    for line in path.read_text().splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def native_bf16(flags: Iterable[str] | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from ``flags`` or ``/proc/cpuinfo``, or
+    from PyTorch's CPU capability where the flags are unknown (not Linux)."""
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    if flags:
+        return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+    return torch.backends.cpu.get_cpu_capability() == "AVX512_BF16" or "AMX" in torch.backends.cpu.get_cpu_capability()
+
+
+def choose_precision(precision: str, flags: Iterable[str] | None = None) -> tuple[str, str]:
+    """The precision to run for the setting ``precision`` on this CPU (or one with ``flags``), and why."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"cpu_precision must be one of {PRECISIONS}, got {precision!r}")
+    flags = cpu_flags() if flags is None else frozenset(flags)
+    has_bf16 = native_bf16(flags)
+    bf16_flags = [f for f in NATIVE_BF16_FLAGS if f in flags] or ["no " + "/".join(NATIVE_BF16_FLAGS)]
+    if precision == "auto":
+        chosen = "bf16" if has_bf16 else "fp32"
+        return chosen, f"cpu_precision=auto and the CPU reports {', '.join(bf16_flags)}"
+    if precision == "bf16" and not has_bf16:
+        raise ValueError(
+            f"cpu_precision=bf16 needs a CPU with native bf16 ({' or '.join(NATIVE_BF16_FLAGS)}); this one reports "
+            "neither, so PyTorch would emulate bf16, slower than fp32: use cpu_precision=auto or fp32"
+        )
+    if precision == "int8":
+        vnni = [f for f in VNNI_FLAGS if f in flags]
+        return precision, f"cpu_precision=int8 ({'VNNI: ' + ', '.join(vnni) if vnni else 'no VNNI: AVX2 int8 path'})"
+    return precision, f"cpu_precision={precision}"
+
+
+def _weights_version(network: nn.Module) -> tuple:
+    """Identifies the network's current weights: in-place updates (optimiser steps, ``load_state_dict``) bump each
+    tensor's version counter."""
+    return tuple((t.data_ptr(), t._version) for t in (*network.parameters(), *network.buffers()))
+
+
+class _Autocast(nn.Module):
+    """``network`` under CPU autocast to ``dtype``, its output back in fp32."""
+
+    def __init__(self, network: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.network, self.dtype = network, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=self.dtype):
+            return self.network(x).float()
+
+
+class OnnxRuntimeNetwork:
+    """``network`` exported to ONNX (traced on ``example``, batch dimension dynamic) and run by ONNX Runtime's CPU
+    execution provider with ``threads`` intra-op threads (0: its default)."""
+
+    def __init__(self, network: nn.Module, example: torch.Tensor, threads: int = 0) -> None:
+        import onnxruntime
+
+        model = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes traced as constants: the window's
+            warnings.filterwarnings("ignore", message=".*instance_norm.*")
+            torch.onnx.export(
+                network.eval(),
+                (example,),
+                model,
+                input_names=["image"],
+                output_names=["pred"],
+                dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
+                dynamo=False,  # the TorchScript-based exporter, as the bundles' onnx_export uses
+            )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(model.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (output,) = self.session.run(None, {"image": x.detach().cpu().float().contiguous().numpy()})
+        return torch.from_numpy(output).to(x.device)
+
+
+class CpuInference:
+    """Turns a network into what runs inference windows on the CPU, according to the bundle's settings.
+
+    Args:
+        precision: ``"fp32"``, ``"bf16"``, ``"int8"`` or ``"auto"`` (see the module's description).
+        runtime: ``"torch"`` or ``"onnxruntime"`` (fp32 only).
+        threads: intra-op threads for the run; 0 leaves PyTorch's setting.
+        flags: the CPU's flags, for tests; ``None`` reads ``/proc/cpuinfo``.
+    """
+
+    def __init__(
+        self, precision: str = "fp32", runtime: str = "torch", threads: int = 0, flags: Iterable[str] | None = None
+    ) -> None:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"cpu_runtime must be one of {RUNTIMES}, got {runtime!r}")
+        self.precision, self.reason = choose_precision(precision, flags)
+        if runtime == "onnxruntime" and self.precision != "fp32":
+            raise ValueError(f"cpu_runtime=onnxruntime runs fp32 only; got cpu_precision={precision}")
+        if threads < 0:
+            raise ValueError(f"cpu_threads must be 0 (as it is) or more, got {threads}")
+        self.runtime, self.threads = runtime, int(threads)
+
+    def describe(self) -> str:
+        """The one-line account of what runs and why."""
+        what = {"fp32": "fp32", "bf16": "bf16 autocast", "int8": "int8 dynamic quantization of the Linear layers"}
+        runtime = "ONNX Runtime" if self.runtime == "onnxruntime" else "PyTorch eager"
+        threads = self.threads or torch.get_num_threads()
+        return f"CPU inference: {what[self.precision]}, {runtime}, {threads} thread(s) ({self.reason})"
+
+    def __call__(self, network: nn.Module, window_shape: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What runs windows of ``window_shape`` (batch, channels, spatial...) for ``network``: the network itself
+        off the CPU, else its conversion (made, and logged, once per network and weights)."""
+        if next(network.parameters()).device.type != "cpu":
+            return network
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        key = (self.precision, self.runtime, self.threads, tuple(window_shape[1:]), _weights_version(network))
+        cache = _converted.setdefault(network, {})
+        if key not in cache:
+            cache.clear()  # older weights or settings: drop their conversions
+            cache[key] = self._convert(network, window_shape)
+            logger.info(self.describe())
+        converted = cache[key]
+        if self.precision == "bf16":
+            return _Autocast(network, torch.bfloat16)
+        return network if converted is None else converted
+
+    def _convert(self, network: nn.Module, window_shape: Sequence[int]) -> Callable | None:
+        """The converted network, or None where the network runs as it is (fp32, bf16: nothing to convert; the
+        cache then holds no reference to the network, so it can be freed)."""
+        if self.runtime == "onnxruntime":
+            return OnnxRuntimeNetwork(network, torch.zeros(*window_shape), self.threads)
+        if self.precision == "int8":
+            quantized = copy.deepcopy(network).eval()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*deprecated.*")  # torch.ao.quantization's notice
+                return torch.ao.quantization.quantize_dynamic(quantized, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return None
