@@ -315,6 +315,14 @@ def check_info(info: dict) -> dict:
 INFER_PARAMS = {"device": "cpu", "sw_batch_size": 2, "sw_overlap": 0.25, "num_views": 1}
 
 
+def label_result(label: Path, reference: Path, started: float, what: str) -> dict:
+    """The check of a returned label map: in the reference's geometry (shape and affine); logged with ``what``."""
+    result = {**same_geometry(label, reference), "seconds": round(time.time() - started, 1), "label_file": str(label)}
+    result["passed"] = result["same_shape"] and result["same_affine"]
+    log(f"{what}: {result}")
+    return result
+
+
 def infer_study(base: str, model: str, image_id: str, reference: Path, work_dir: Path) -> dict:
     """``/infer`` on a study of the datastore (a NIfTI file); the label map must be in the study's geometry."""
     t = time.time()
@@ -322,10 +330,7 @@ def infer_study(base: str, model: str, image_id: str, reference: Path, work_dir:
     body, headers = multipart({"params": json.dumps(INFER_PARAMS)}, [])
     out = work_dir / f"{model}_{image_id}_label.nii.gz"
     out.write_bytes(request(f"{base}/infer/{model}?{query}", body, headers))
-    result = {**same_geometry(out, reference), "seconds": round(time.time() - t, 1), "label_file": str(out)}
-    result["passed"] = result["same_shape"] and result["same_affine"]
-    log(f"/infer {model} on NIfTI study {image_id}: {result}")
-    return result
+    return label_result(out, reference, t, f"/infer {model} on NIfTI study {image_id}")
 
 
 def infer_dicom(base: str, model: str, series: Path, work_dir: Path) -> dict:
@@ -339,10 +344,7 @@ def infer_dicom(base: str, model: str, series: Path, work_dir: Path) -> dict:
     body, headers = multipart({"params": json.dumps({**INFER_PARAMS, "result_extension": ".nii.gz"})}, [])
     out = work_dir / f"{model}_dicom_label.nii.gz"
     out.write_bytes(request(f"{base}/infer/{model}?{query}", body, headers))
-    result = {**same_geometry(out, series), "seconds": round(time.time() - t, 1), "label_file": str(out)}
-    result["passed"] = result["same_shape"] and result["same_affine"]
-    log(f"/infer {model} on a {len(files)}-file DICOM series: {result}")
-    return result
+    return label_result(out, series, t, f"/infer {model} on a {len(files)}-file DICOM series")
 
 
 def train_and_reinfer(base: str, bundle: Path, reference: Path, work_dir: Path, before: dict) -> dict:
