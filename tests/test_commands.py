@@ -68,7 +68,8 @@ def test_msd_commands(tmp_path):
     small = {k: v for k, v in SMALL.items() if k != "pixdim"} | {"dataset_dir": str(dataset)}
     monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small, **ONE_STEP, num_folds=3)
     for name in ("model.pt", "latest.pt"):
-        assert_recorded(folder / "models" / task / name)
+        assert_recorded(folder / "models" / task / "fold0of3" / name)  # the run's own folder
+    assert_recorded(folder / "models" / "model.pt")  # the copy MONAI Label serves
 
     log = monai_bundle(folder, "run", "evaluating", "--config_file", TRAIN_AND_EVALUATE, **small, num_folds=3)
     assert "as its record says" in log

@@ -478,7 +478,8 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     assert set(parser.get_parsed_content("loss").terms) >= {"rotation", "contrastive", "reconstruction", "mutual"}
     groups = parser.get_parsed_content("optimizer").param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
-    assert set(torch.load(pretrained, weights_only=True)) == set(SSLHead(feature_size=12).state_dict())
+    pretrained_weights = torch.load(pretrained, weights_only=True)["model"]  # beside its record
+    assert set(pretrained_weights) == set(SSLHead(feature_size=12).state_dict())
 
     common = {**SMALL, "bundle_root": str(tmp_path / "seg"), "dataset_dir": str(synthetic_dataset)}
     seg = ConfigWorkflow(
@@ -491,7 +492,7 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     seg.initialize()
     network = seg.parser.get_parsed_content("network")
     assert isinstance(network, CrossViewSwinUNETR)
-    encoder = {k[len("swinViT.") :]: v for k, v in torch.load(pretrained, weights_only=True).items() if "swinViT." in k}
+    encoder = {k[len("swinViT.") :]: v for k, v in pretrained_weights.items() if "swinViT." in k}
     loaded = network.swinViT.state_dict()
     assert loaded.keys() == encoder.keys() and all(torch.equal(loaded[k], v) for k, v in encoder.items())
     seg.run()
@@ -535,7 +536,7 @@ def test_msd_cross_view_variant_builds_for_sigmoid_and_softmax_tasks():
         assert isinstance(network, CrossViewSwinUNETR) and isinstance(network, SwinUNETR)
         assert network.activation == activation
         assert parser.get_parsed_content("loss").sigmoid == (activation == "sigmoid")
-        assert parser.get_parsed_content("ckpt_dir").endswith(f"models/{task}/swinmm")
+        assert parser.get_parsed_content("ckpt_dir").endswith(f"models/{task}/fold0of5/swinmm")
         inference = ConfigWorkflow(
             config_file=configs("inference", "swinmm", bundle=msd),
             workflow_type="infer",
