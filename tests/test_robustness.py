@@ -376,7 +376,8 @@ def test_training_and_inference_name_every_bad_volume_in_one_error(tmp_path):
         assert "4 of 6 cases cannot be used:" in output(result)
         for name, message in BAD_CASE_MESSAGES.items():
             assert f"{images[name]}{message}" in output(result)
-    assert sorted(p.name for p in btcv.iterdir()) == ["LICENSE", "configs", "docs", "large_files.yml"]  # nothing written
+    # nothing written
+    assert sorted(p.name for p in btcv.iterdir()) == ["LICENSE", "configs", "docs", "large_files.yml"]
 
 
 def test_the_voxel_check_is_cached_by_size_and_modification_time(tmp_path, monkeypatch):

@@ -45,9 +45,10 @@ SMALL = {
 }
 DEMO_DESCRIPTION = f"feature_size 12, 64^3 windows at {PIXDIM_MM:g} mm, class-balanced crops"
 # for a run of minutes instead of days: a larger learning rate without warm-up (the bundle's plain Dice-CE, as the
-# reference's, stays); crops centred on each organ in turn (MONAI's RandCropByLabelClassesd, equal ratios over the 13 organs) instead of half on the foreground and half
-# anywhere, and no flips or rotations (they swap left and right organs, which one short run cannot untangle).
-# The trials behind these choices are in the README ("The demo's settings").
+# reference's, stays); crops centred on each organ in turn (MONAI's RandCropByLabelClassesd, equal ratios over the 13
+# organs) instead of half on the foreground and half anywhere, and no flips or rotations (they swap left and right
+# organs, which one short run cannot untangle). The trials behind these choices are in the README ("The demo's
+# settings").
 SHORT_RUN = {
     "learning_rate": 0.003,
     "warmup_epochs": 0,
