@@ -75,7 +75,7 @@ def test_msd_commands(tmp_path):
     assert "as its record says" in log
 
     inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
-    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference, num_folds=3)
     assert "as its record says" in log
 
 

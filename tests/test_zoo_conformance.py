@@ -11,7 +11,7 @@ import ignite.distributed as idist
 import pytest
 import torch
 import yaml
-from conftest import REPO, SCHEMA, SMALL, write_msd_task
+from conftest import REPO, SCHEMA, SMALL, released_layout, write_msd_task
 from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 
 from swin_unetr_kit.msd import task_metadata, task_settings
@@ -125,9 +125,10 @@ NOT_SCRIPTABLE = {"swin_unetr_btcv_seg", "swin_unetr_msd", "swin_unetr_ssl_pretr
 
 
 def zoo_checkout(bundle: Path, models_path: Path, **overrides) -> Path:
-    """``bundle`` as the model zoo's CI sees it, ``<models_path>/<name>/``, with a stand-in ``models/model.pt`` in
-    place of the weights ``large_files.yml`` names (nothing downloads here): the state dict of the inference config's
-    ``network_def``, as the zoo makes stand-in weights."""
+    """``bundle`` as the model zoo's CI sees it, ``<models_path>/<name>/``, with stand-ins in place of the weights
+    ``large_files.yml`` names (nothing downloads here): ``models/model.pt``, the state dict of the inference config's
+    ``network_def``, as the zoo makes stand-in weights; any other file (the released SSL encoder), that network's
+    encoder in the released layout."""
     target = models_path / bundle.name
     shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("models", "eval", "logs", "__pycache__"))
     parser = ConfigParser()
@@ -137,7 +138,13 @@ def zoo_checkout(bundle: Path, models_path: Path, **overrides) -> Path:
     for key, value in overrides.items():
         parser[key] = value
     (target / "models").mkdir()
-    torch.save(parser.get_parsed_content("network_def").state_dict(), target / "models" / "model.pt")
+    network = parser.get_parsed_content("network_def")
+    torch.save(network.state_dict(), target / "models" / "model.pt")
+    listing = target / "large_files.yml"
+    for entry in yaml.safe_load(listing.read_text())["large_files"] if listing.is_file() else []:
+        if not (target / entry["path"]).is_file():  # another release, such as the SSL encoder: its own layout
+            encoder = {f"swinViT.{k}": v for k, v in network.swinViT.state_dict().items()}
+            torch.save(released_layout(encoder), target / entry["path"])
     return target
 
 
