@@ -34,6 +34,8 @@ TRIALS = {
     "pos_neg_crops": {"train#random_transforms": None},  # the bundle's own crops (half foreground) and flips
     "whole_abdomen_6mm": {"pixdim": [6.0, 6.0, 6.0]},  # the padded torso fits one 64^3 window: every organ each step
     "lr_1e-2": {"learning_rate": 0.01},
+    "lr_1e-3": {"learning_rate": 0.001},
+    "lr_3e-4": {"learning_rate": 0.0003},
     "two_crops": {"num_samples": 2},
 }
 
