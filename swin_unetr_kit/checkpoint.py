@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -34,11 +35,6 @@ RUN_SETTINGS_FILE = "run_settings.json"
 
 class RunSettingsError(RuntimeError):
     """A checkpoint to resume whose run was started with other settings than the new command's."""
-
-
-def _is_rank0() -> bool:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return not (distributed and torch.distributed.get_rank())
 
 
 def remove_partial_checkpoints(folder: str | os.PathLike) -> list[Path]:
@@ -161,7 +157,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename, copy_to)
 
     def attach(self, engine: Engine) -> None:
-        if not _is_rank0():
+        if idist.get_rank() != 0:
             return
         super().attach(engine)
 
@@ -221,7 +217,7 @@ class ResumeCheckpointLoader(RecordedCheckpointLoader):
 
     def attach(self, engine: Engine) -> None:
         folder = os.path.dirname(os.path.abspath(self.load_path))
-        if _is_rank0():
+        if idist.get_rank() == 0:
             remove_partial_checkpoints(folder)
         if not self.enabled:
             logger.info("resume disabled: training starts afresh in %s", folder)
@@ -231,7 +227,7 @@ class ResumeCheckpointLoader(RecordedCheckpointLoader):
             self._check_same_run(folder)
             super().attach(engine)
             engine.add_event_handler(Events.STARTED, self._report)
-        if self.settings is not None and _is_rank0():
+        if self.settings is not None and idist.get_rank() == 0:
             write_run_settings(folder, self.settings)
 
     def _check_same_run(self, folder: str) -> None:

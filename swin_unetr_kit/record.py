@@ -112,7 +112,10 @@ def check_record(network: torch.nn.Module, record: Mapping, source: str) -> None
 
 def read_record(path: str) -> dict | None:
     """The record stored in the checkpoint at ``path``, or None when it has none."""
-    checkpoint = _load(path)
+    return _record_of(_load(path))
+
+
+def _record_of(checkpoint: object) -> dict | None:
     record = checkpoint.get(RECORD_KEY) if isinstance(checkpoint, Mapping) else None
     return dict(record) if isinstance(record, Mapping) else None
 
@@ -143,8 +146,8 @@ def _md5(path: str) -> str:
 def checkpoint_order(path: str, known_weights: Mapping[str, str] | None = None) -> tuple[str, str]:
     """The patch-merging order the checkpoint at ``path`` was trained in, and why that order (for the log)."""
     checkpoint = _load(path)
-    record = checkpoint.get(RECORD_KEY) if isinstance(checkpoint, Mapping) else None
-    if isinstance(record, Mapping) and record.get("patch_merging"):
+    record = _record_of(checkpoint)
+    if record is not None and record.get("patch_merging"):
         return record["patch_merging"], "as its record says"
     if _is_released_ssl_layout(checkpoint):
         return LEGACY, "the released self-supervised layout (module. prefix, fc1/fc2 names), trained with MONAI < 1.5"
