@@ -5,7 +5,8 @@ the same choice from ``inference.json``.
 Tolerances, on a feature_size-12 network with random weights (its logits are small and many voxels near-ties, the
 hardest case for label agreement): int8 dynamic quantization rounds each Linear layer's input and weights to 8 bits
 (about 1 % of their range), so the softmax moves by ~1e-4 on average; bf16 keeps 8 bits of mantissa (~0.4 %
-relative per operation), a few times more; ONNX Runtime computes in fp32 like PyTorch (1e-4, as the export tests).
+relative per operation), a few times more; ONNX Runtime and OpenVINO compute in fp32 like PyTorch (1e-4, as the
+export tests).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from conftest import BTCV_BUNDLE, REPO, SMALL, configs
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
-from swin_unetr_kit.cpu_inference import CpuInference, choose_precision, cpu_flags, native_bf16
+from swin_unetr_kit import cpu_inference
+from swin_unetr_kit.cpu_inference import CpuInference, choose_precision, choose_runtime, cpu_flags, native_bf16
 
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 WINDOW = (2, 1, 64, 64, 64)
@@ -70,6 +72,46 @@ def test_bf16_is_refused_without_native_bf16_and_bad_settings_are_named():
         CpuInference(runtime="tensorrt")
     with pytest.raises(ValueError, match="fp32 only"):
         CpuInference("int8", runtime="onnxruntime")
+
+
+def test_auto_runtime_takes_the_fastest_installed_that_runs_the_precision(monkeypatch):
+    installed = {"openvino", "onnxruntime"}
+    monkeypatch.setattr(cpu_inference.importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert choose_runtime("auto", "fp32")[0] == "openvino"
+    assert choose_runtime("auto", "bf16")[0] == "openvino"
+    assert choose_runtime("auto", "int8") == (
+        "torch",
+        "cpu_runtime=auto and neither openvino nor onnxruntime runs int8 here",
+    )
+    installed.remove("openvino")
+    assert choose_runtime("auto", "fp32") == ("onnxruntime", "cpu_runtime=auto and onnxruntime is installed")
+    assert choose_runtime("auto", "bf16")[0] == "torch"
+    installed.clear()
+    assert choose_runtime("auto", "fp32")[0] == "torch"
+    assert choose_runtime("onnxruntime", "fp32") == ("onnxruntime", "cpu_runtime=onnxruntime")  # asked for: as asked
+
+
+class _TwoInputs(torch.nn.Module):
+    """A network whose forward needs a second input: no exporter can trace it from one window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 1)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + other
+
+
+def test_auto_runtime_falls_back_to_pytorch_where_the_network_does_not_export(caplog):
+    pytest.importorskip("onnxruntime")
+    network, window = _TwoInputs().eval(), torch.rand(1, 1, 4, 4, 4)
+    with caplog.at_level(logging.INFO, logger=LOGGER), torch.no_grad():
+        runner = CpuInference(runtime="auto", flags={"avx2"})(network, window.shape)
+        assert runner is network
+    messages = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert "cannot run this network" in messages[0] and messages[-1].startswith("CPU inference: fp32, PyTorch eager")
+    with pytest.raises(Exception):  # noqa: B017 (the exporter's own error, whatever its type): asked for, not replaced
+        CpuInference(runtime="onnxruntime")(network, window.shape)
 
 
 def test_auto_on_this_machine_logs_one_line(network_and_window, caplog):
@@ -132,6 +174,18 @@ def test_onnxruntime_lever_matches_the_eager_network_at_any_batch(network_and_wi
         torch.testing.assert_close(torch.softmax(runner(window[:1]), 1), expected[:1], rtol=1e-4, atol=1e-4)
 
 
+def test_openvino_lever_matches_the_eager_network_at_any_batch(network_and_window):
+    pytest.importorskip("openvino")
+    network, window, expected = network_and_window
+    runner = CpuInference(runtime="openvino", flags={"avx2"})(network, WINDOW)
+    assert CpuInference(runtime="openvino", flags={"avx2"})(network, WINDOW) is runner  # converted once
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(runner(window), 1), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.softmax(runner(window[:1]), 1), expected[:1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="calibration"):
+        CpuInference("int8", runtime="openvino")
+
+
 def test_a_conversion_follows_new_weights(caplog):
     """A network trained further (or reloaded) is converted again, not served with its old weights."""
     torch.manual_seed(1)
@@ -163,18 +217,20 @@ def _monai_label_inference(bundle, caplog, **overrides) -> list[str]:
 
 @pytest.mark.parametrize("bundle", [BTCV_BUNDLE, MSD_BUNDLE])
 def test_monai_label_gets_the_configs_choice(bundle, caplog):
-    assert _monai_label_inference(bundle, caplog)[-1].startswith("CPU inference: fp32, PyTorch eager")  # default
+    default = CpuInference("auto", "auto")  # the configs' CPU default, as chosen on this machine
+    assert _monai_label_inference(bundle, caplog)[-1] == default.describe()
     caplog.clear()
     lines = _monai_label_inference(bundle, caplog, cpu_precision="int8")
     assert len(lines) == 1 and lines[0].startswith("CPU inference: int8")
 
 
 @pytest.mark.parametrize("bundle", [BTCV_BUNDLE, MSD_BUNDLE])
-def test_every_lever_is_a_one_line_override_and_the_default_is_fp32(bundle):
+def test_every_lever_is_a_one_line_override_and_the_cpu_default_is_automatic(bundle):
+    """inference.json and evaluate.json choose the precision and runtime by the machine on the CPU."""
     for files, inferer in ((["inference"], "inferer"), (["train", "evaluate"], "validate#inferer")):
         parser = ConfigParser()
         parser.read_config(configs(*files, bundle=bundle))
-        assert (parser["cpu_precision"], parser["cpu_runtime"], parser["cpu_threads"]) == ("fp32", "torch", 0)
+        assert (parser["cpu_precision"], parser["cpu_runtime"], parser["cpu_threads"]) == ("auto", "auto", 0)
         assert parser[inferer]["prepare_network"] == "@cpu_inference"
 
 

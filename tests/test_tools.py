@@ -99,15 +99,15 @@ def test_benchmark_levers_skip_bf16_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(cpu_inference, "native_bf16", lambda flags=None: False)
     pipelines = _pipelines("cpu")
     assert pipelines["ours + bf16"].startswith("not applicable")
-    assert pipelines["ours + int8"][0] == {"infer": {"cpu_precision": "int8"}}
-    assert pipelines["ours + ONNX Runtime"][0] == {"infer": {"cpu_runtime": "onnxruntime"}}
-    combined = next(name for name in pipelines if name.startswith("ours + int8") and "sw_batch_size 1" in name)
-    assert pipelines[combined][0]["infer"]["cpu_precision"] == "int8"
+    assert pipelines["ours, int8 in PyTorch"][0] == {"infer": {"cpu_precision": "int8"}}
+    assert pipelines["ours, ONNX Runtime"][0] == {"infer": {"cpu_runtime": "onnxruntime"}}
+    assert pipelines["ours in PyTorch"][0] == {"infer": {"cpu_runtime": "torch"}}
+    assert pipelines["ours, overlap 0.25"][0] == {"infer": {"sw_overlap": 0.25}}
     assert _compute_dtype({"cpu_precision": "int8"}, "cpu") == "int8"
     assert _compute_dtype({}, "cpu") == "float32"
     monkeypatch.setattr(cpu_inference, "native_bf16", lambda flags=None: True)
     assert _pipelines("cpu")["ours + bf16"][0] == {"infer": {"cpu_precision": "bf16"}}
-    assert _pipelines("cuda").keys().isdisjoint({"ours + bf16", "ours + int8"})  # GPU runs are left as they are
+    assert _pipelines("cuda").keys().isdisjoint({"ours + bf16", "ours, int8 in PyTorch"})  # GPU runs: as they are
 
 
 def test_benchmark_make_weights_saves_loadable_fine_tuned_weights(sample_dataset, tmp_path):
@@ -121,3 +121,18 @@ def test_benchmark_make_weights_saves_loadable_fine_tuned_weights(sample_dataset
     assert out.is_file() and not out.with_suffix(".partial").exists()
     network = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
     network.load_state_dict(torch.load(out, weights_only=True))
+
+
+def test_benchmark_reference_runs_the_zoo_settings_on_the_cpu():
+    """The reference is the zoo's configuration whatever the bundle's CPU defaults: fp32 PyTorch, overlap 0.5,
+    constant blending, sw_batch_size 4."""
+    from benchmark import BUNDLE, REFERENCE
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(BUNDLE), "device": "cpu", **REFERENCE["infer"]})
+    inferer = parser.get_parsed_content("inferer")
+    assert (inferer.overlap, inferer.sw_batch_size, inferer.mode) == (0.5, 4, "constant")
+    assert parser.get_parsed_content("cpu_inference").describe().startswith("CPU inference: fp32, PyTorch eager")
+    assert parser["network_def"]["use_flash_attention"] is False

@@ -5,8 +5,10 @@ All pipelines are the same bundle configs run through MONAI's ``ConfigWorkflow``
 * reference: the model zoo's Swin UNETR BTCV bundle's values: fp32, sliding window with sw_batch_size 4, overlap 0.5
   and constant blending, attention without SDPA; training batches of 2 volumes x 2 crops from a plain dataset (no
   caching); glibc's malloc as it comes;
-* ours: the bundle's defaults: SDPA attention at inference, Gaussian blending, 1 volume x 4 crops from a
-  ``CacheDataset``, AMP on CUDA and, on the CPU, glibc keeping freed memory (``swin_unetr_kit.runtime``);
+* ours: the bundle's defaults: SDPA attention at inference, on the CPU the inference path that ``cpu_runtime`` and
+  ``cpu_precision`` ``auto`` choose (OpenVINO where installed; ``swin_unetr_kit.cpu_inference``), Gaussian blending,
+  1 volume x 4 crops from a ``CacheDataset``, AMP on CUDA and, on the CPU, glibc keeping freed memory
+  (``swin_unetr_kit.runtime``);
 * ours, malloc as it comes (CPU): ours without the allocator setting, to separate its effect from the others';
 * ours + tcmalloc (CPU, where ``libtcmalloc_minimal.so.4`` is installed): ours with tcmalloc preloaded;
 * ours, reference blending (inference only): ours with constant blending, to show what the speed levers alone do to
@@ -58,6 +60,8 @@ REFERENCE = {
         "sw_batch_size": 4,
         "sw_overlap": 0.5,
         "inferer#mode": "constant",
+        "cpu_precision": "fp32",
+        "cpu_runtime": "torch",
         "amp": False,
         "network_def#use_flash_attention": False,
         "cpu_keep_freed_memory": False,
@@ -65,6 +69,9 @@ REFERENCE = {
     "train": {"batch_size": 2, "num_samples": 2, "cache_rate": 0.0, "amp": False, "cpu_keep_freed_memory": False},
 }
 OURS: dict = {"infer": {}, "train": {}}  # the bundle's defaults
+# what --size paper runs unless asked for more: the reference and the bundle's defaults (each a volume of ten
+# minutes or so in fp32 on 2 CPU cores); the levers one at a time: ``levers``, or --pipelines all
+PAPER_PIPELINES = ("ours", "ours, reference blending")
 MALLOC_AS_IT_COMES = {"infer": {"cpu_keep_freed_memory": False}, "train": {"cpu_keep_freed_memory": False}}
 
 
@@ -167,7 +174,11 @@ def _child(env: dict, worker: str, overrides: dict, *args: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     result = subprocess.run(cmd, capture_output=True, text=True, env={**clean, **env})
     if result.returncode != 0:
-        raise RuntimeError(f"{worker} {overrides_file} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+        killed = " (killed by SIGKILL: out of memory?)" if result.returncode == -9 else ""
+        raise RuntimeError(
+            f"{worker} {overrides_file} failed with exit {result.returncode}{killed}:\n"
+            f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -262,6 +273,7 @@ def levers(
         "SDPA": (sdpa, {}, threads),
         "SDPA + int8": (sdpa, {"precision": "int8"}, threads),
         "ONNX Runtime": (sdpa, {"runtime": "onnxruntime"}, threads),
+        "OpenVINO": (sdpa, {"runtime": "openvino"}, threads),
     }
     if native_bf16():
         variants["SDPA + bf16"] = (sdpa, {"precision": "bf16"}, threads)
@@ -319,28 +331,26 @@ def _slug(text: str) -> str:
 
 
 def _inference_levers(device: str) -> dict[str, tuple[dict, dict] | str]:
-    """The CPU inference levers (``swin_unetr_kit.cpu_inference``, the allocator, threads, sliding-window batch), each
-    on its own over the bundle's defaults and combined: name -> (settings, environment), or the reason it does not
-    apply on this machine."""
+    """The CPU inference levers (``swin_unetr_kit.cpu_inference``, the window overlap, threads, sliding-window batch),
+    each changed on its own from the bundle's defaults (which combine the fastest): name -> (settings, environment), or
+    the reason it does not apply on this machine."""
     from swin_unetr_kit.cpu_inference import native_bf16
 
     if device != "cpu":
         return {}
-    fast_malloc = tcmalloc_env()
     no_bf16 = "not applicable: the CPU has no native bf16 (avx512_bf16/amx_bf16), PyTorch would emulate it"
     levers: dict[str, tuple[dict, dict] | str] = {
         "ours + bf16": ({"cpu_precision": "bf16"}, {}) if native_bf16() else no_bf16,
-        "ours + int8": ({"cpu_precision": "int8"}, {}),
-        "ours + ONNX Runtime": ({"cpu_runtime": "onnxruntime"}, {}),
+        "ours, int8 in PyTorch": ({"cpu_precision": "int8"}, {}),
+        "ours, ONNX Runtime": ({"cpu_runtime": "onnxruntime"}, {}),
+        "ours in PyTorch": ({"cpu_runtime": "torch"}, {}),
+        "ours, overlap 0.25": ({"sw_overlap": 0.25}, {}),
         "ours, sw_batch_size 1": ({"sw_batch_size": 1}, {}),
         "ours, sw_batch_size 8": ({"sw_batch_size": 8}, {}),
     }
     logical = os.cpu_count() or 1
     if logical != torch.get_num_threads():  # PyTorch defaults to the physical cores: try the logical CPUs too
         levers[f"ours, {logical} threads"] = ({"cpu_threads": logical}, {})
-    precision = "bf16" if native_bf16() else "int8"
-    combined = f"ours + {precision}" + (" + tcmalloc" if fast_malloc else "") + ", sw_batch_size 1"
-    levers[combined] = ({"cpu_precision": precision, "sw_batch_size": 1}, fast_malloc)
     return levers
 
 
@@ -412,15 +422,18 @@ def default_weights(size: str) -> Path:
 
 def make_weights(
     size: str = "paper",
-    iterations: int = 200,
-    learning_rate: float = 5e-4,
+    iterations: int = 60,
+    learning_rate: float = 2e-3,
+    crop: int = 64,
     out: str | None = None,
     dataset_dir: str | None = None,
 ) -> None:
     """Fine-tune the network of ``size`` briefly on the sample CT with the bundle's train.json, from its random
     initialisation, and save its weights to ``out`` (default: :func:`default_weights`): weights whose predictions are
     confident, so that the benchmark's agreement figures mean something (random weights give near-ties everywhere).
-    Not a model to segment with: it has seen one volume."""
+    Trains on one ``crop``^3 crop a step at the size's spacing (a paper-size step on 96^3 windows takes about half a
+    minute on 2 CPU cores; the network is the same at any window). Not a model to segment with: it has seen one
+    volume."""
     import sample_data
     from monai.bundle import ConfigWorkflow
 
@@ -433,7 +446,8 @@ def make_weights(
     datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
     overrides = {**SIZES[size], "num_workers": 0, "dataset_dir": dataset_dir, "datalist": str(datalist)}
     overrides.update({"bundle_root": str(work), "check_data": False, "resume": False, "val_interval": 10**6})
-    overrides.update({"learning_rate": learning_rate, "train#trainer#max_epochs": 1})
+    overrides.update({"learning_rate": learning_rate, "train#trainer#max_epochs": 1, "warmup_epochs": 0})
+    overrides.update({"roi_size": [crop] * 3, "num_samples": 1})
     overrides["train#trainer#epoch_length"] = iterations
     torch.manual_seed(0)
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train", **overrides)
@@ -457,9 +471,15 @@ def main(
     ckpt: str | None = None,
     dataset_dir: str | None = None,
     pipelines: str | Sequence[str] | None = None,
+    train_overrides: dict | None = None,
 ) -> None:
-    """Benchmark inference and/or training (``workflow``: inference, training or all) of the pipelines (all, or the
-    comma-separated names in ``pipelines``; the reference always runs); print a table, write JSON to ``out``.
+    """Benchmark inference and/or training (``workflow``: inference, training or all) of the pipelines (the
+    comma-separated names in ``pipelines``, or ``all``; default: all at the small size, PAPER_PIPELINES at paper
+    size; the reference always runs); print a table, write JSON to ``out``.
+
+    ``train_overrides``: settings applied to every training pipeline, the reference's too (e.g. ``{"batch_size": 1,
+    "num_samples": 1}`` where the reference's batch of 2 volumes x 2 crops does not fit in memory: at paper size it
+    needs more than 24 GB on a CPU).
 
     The network's weights: ``ckpt``, else those of ``make_weights`` for ``size`` where they exist, else seeded random
     weights (agreement figures then mean little; the results say which)."""
@@ -502,13 +522,16 @@ def main(
             "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
         },
         "weights": weights,
+        "train_overrides": train_overrides,
         "network_flops_per_window": flops,
         "peak_flops": _peaks(device),
         "inference": {},
         "training": {},
     }
     chosen = _pipelines(device)
-    if pipelines:
+    if pipelines is None and size == "paper":
+        pipelines = PAPER_PIPELINES
+    if pipelines and pipelines != "all":
         wanted = {"reference", *(pipelines.split(",") if isinstance(pipelines, str) else pipelines)}
         unknown = wanted - set(chosen)
         if unknown:
@@ -546,7 +569,8 @@ def main(
     if workflow in ("training", "all"):
         for name, (settings, env) in training.items():
             folder = work / "train" / _slug(name)
-            overrides = {**base, **settings, "dataset_dir": dataset_dir, "datalist": str(datalist)}
+            overrides = {**base, **settings, **(train_overrides or {}), "dataset_dir": dataset_dir}
+            overrides["datalist"] = str(datalist)
             overrides.update({"bundle_root": str(folder), "check_data": False, "resume": False})
             row = results["training"][name] = _child(env, "train_worker", overrides, str(iterations), str(warmup))
             row["flops_per_second"] = row["crops_per_second"] * flops["training"]

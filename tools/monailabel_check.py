@@ -56,6 +56,7 @@ PINS = (
     "pytorch-ignite==0.5.5",
     "einops==0.8.2",
     "fire==0.7.1",
+    "openvino==2026.4.1",  # the segmentation bundles' CPU inference path (cpu_runtime auto), as in requirements.txt
 )
 
 
