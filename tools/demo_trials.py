@@ -7,7 +7,7 @@ iterations does not depend on how busy the machine is; the seconds per iteration
 alone on the machine tells the demo's wall time.
 
 Usage (from the repository root):
-    python tools/demo_trials.py --trials "['demo', 'pos_neg_crops', 'whole_abdomen_6mm']" --iterations 120 --every 20
+    python tools/demo_trials.py --trials "['demo', 'unweighted_6mm']" --iterations 200 --every 40
 Writes one JSON line per evaluation to ``<out>/<trial>.jsonl`` and prints it.
 """
 
@@ -28,15 +28,27 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import Compose
 
-# each trial: overrides on top of the demo's (tools/demo.py SMALL and SHORT_RUN)
+# each trial: overrides on top of the demo's (tools/demo.py SMALL and SHORT_RUN: 6 mm, the background weighted
+# BACKGROUND_WEIGHT); None removes one of the demo's overrides, leaving the bundle's own setting
+UNWEIGHTED = {"loss#weight": None}
+AT_4MM = {"pixdim": [4.0, 4.0, 4.0], **UNWEIGHTED}  # the demo before the trials below: 4 mm, plain Dice-CE
+
+
+def _background_weight(weight: float) -> dict:
+    return {"loss#weight": f"$torch.tensor([{weight}] + [1.0] * (@num_classes - 1))"}
+
+
 TRIALS = {
     "demo": {},
-    "pos_neg_crops": {"train#random_transforms": None},  # the bundle's own crops (half foreground) and flips
-    "whole_abdomen_6mm": {"pixdim": [6.0, 6.0, 6.0]},  # the padded torso fits one 64^3 window: every organ each step
-    "lr_1e-2": {"learning_rate": 0.01},
-    "lr_1e-3": {"learning_rate": 0.001},
-    "lr_3e-4": {"learning_rate": 0.0003},
-    "two_crops": {"num_samples": 2},
+    "before_4mm": AT_4MM,
+    "pos_neg_crops_4mm": {**AT_4MM, "train#random_transforms": None},  # the bundle's own crops and flips
+    "lr_1e-2_4mm": {**AT_4MM, "learning_rate": 0.01},
+    "lr_1e-3_4mm": {**AT_4MM, "learning_rate": 0.001},
+    "two_crops_4mm": {**AT_4MM, "num_samples": 2},
+    "unweighted_6mm": UNWEIGHTED,  # the torso in one window: every organ in every step
+    "dice_focal_6mm": {**UNWEIGHTED, "loss": {"_target_": "DiceFocalLoss", "to_onehot_y": True, "softmax": True}},
+    "background_weight_0.1_6mm": _background_weight(0.1),
+    "background_weight_0.01_6mm": _background_weight(0.01),
 }
 
 
