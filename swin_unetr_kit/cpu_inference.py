@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
 AUTO_RUNTIMES = ("openvino", "onnxruntime")  # fastest first, as measured at paper size (README, Performance)
+# the precisions each runtime runs here (OpenVINO's int8 needs calibration; ONNX Runtime is given fp32 only)
+RUNS = {"torch": ("fp32", "bf16", "int8"), "onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
@@ -98,10 +100,13 @@ def choose_runtime(runtime: str, precision: str) -> tuple[str, str]:
     if runtime not in RUNTIMES:
         raise ValueError(f"cpu_runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime != "auto":
+        if precision not in RUNS[runtime]:
+            calibration = " (its int8 needs calibration)" if runtime == "openvino" else ""
+            runs = " or ".join(RUNS[runtime])
+            raise ValueError(f"cpu_runtime={runtime} runs {runs} only{calibration}; got cpu_precision={precision}")
         return runtime, f"cpu_runtime={runtime}"
-    runs = {"openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
     for candidate in AUTO_RUNTIMES:
-        if precision in runs[candidate] and importlib.util.find_spec(candidate) is not None:
+        if precision in RUNS[candidate] and importlib.util.find_spec(candidate) is not None:
             return candidate, f"cpu_runtime=auto and {candidate} is installed"
     return "torch", f"cpu_runtime=auto and neither {' nor '.join(AUTO_RUNTIMES)} runs {precision} here"
 
@@ -205,10 +210,6 @@ class CpuInference:
         self.runtime_chosen_automatically = runtime == "auto"
         runtime, runtime_reason = choose_runtime(runtime, self.precision)
         self.reason = f"{precision_reason}; {runtime_reason}"
-        if runtime == "onnxruntime" and self.precision != "fp32":
-            raise ValueError(f"cpu_runtime=onnxruntime runs fp32 only; got cpu_precision={precision}")
-        if runtime == "openvino" and self.precision == "int8":
-            raise ValueError("cpu_runtime=openvino runs fp32 or bf16 here (its int8 needs calibration); got int8")
         if threads < 0:
             raise ValueError(f"cpu_threads must be 0 (as it is) or more, got {threads}")
         self.runtime, self.threads = runtime, int(threads)

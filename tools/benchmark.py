@@ -394,7 +394,9 @@ def _peaks(device: str) -> dict[str, float]:
 
 
 def _compute_dtype(settings: dict, device: str) -> str:
-    precision = settings.get("cpu_precision", "fp32")
+    from swin_unetr_kit.cpu_inference import choose_precision
+
+    precision = choose_precision(settings.get("cpu_precision", "auto"))[0]  # the configs' default: auto
     if device == "cuda":
         return "float32" if settings.get("amp") is False else "float16"
     return {"bf16": "bfloat16", "int8": "int8"}.get(precision, "float32")

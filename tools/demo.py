@@ -48,6 +48,13 @@ SMALL = {
 # one soft-tissue range of HU and differ by place and shape; at full weight the background (96 % of the voxels)
 # saturates the softmax and the organs come one at a time, liver first (README, "The demo's settings")
 BACKGROUND_WEIGHT = 0.03
+
+
+def background_weight(weight: float) -> dict:
+    """The override that weighs the background ``weight`` and each organ 1 in the bundle's Dice-CE."""
+    return {"loss#weight": f"$torch.tensor([{weight}] + [1.0] * (@num_classes - 1))"}
+
+
 DEMO_DESCRIPTION = f"feature_size 12, 64^3 windows at {PIXDIM_MM:g} mm, background weighted {BACKGROUND_WEIGHT:g}"
 # for a run of minutes instead of days: a larger learning rate without warm-up; the background's share of the
 # bundle's Dice-CE cut; crops centred on each organ in turn (MONAI's RandCropByLabelClassesd, equal ratios over the
@@ -57,7 +64,7 @@ DEMO_DESCRIPTION = f"feature_size 12, 64^3 windows at {PIXDIM_MM:g} mm, backgrou
 SHORT_RUN = {
     "learning_rate": 0.003,
     "warmup_epochs": 0,
-    "loss#weight": f"$torch.tensor([{BACKGROUND_WEIGHT}] + [1.0] * (@num_classes - 1))",
+    **background_weight(BACKGROUND_WEIGHT),
     "train#random_transforms": [
         {"_target_": "SpatialPadd", "keys": ["image", "label"], "spatial_size": "@roi_size"},
         {

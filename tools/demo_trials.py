@@ -34,10 +34,6 @@ UNWEIGHTED = {"loss#weight": None}
 AT_4MM = {"pixdim": [4.0, 4.0, 4.0], **UNWEIGHTED}  # the demo before the trials below: 4 mm, plain Dice-CE
 
 
-def _background_weight(weight: float) -> dict:
-    return {"loss#weight": f"$torch.tensor([{weight}] + [1.0] * (@num_classes - 1))"}
-
-
 TRIALS = {
     "demo": {},
     "before_4mm": AT_4MM,
@@ -47,8 +43,8 @@ TRIALS = {
     "two_crops_4mm": {**AT_4MM, "num_samples": 2},
     "unweighted_6mm": UNWEIGHTED,  # the torso in one window: every organ in every step
     "dice_focal_6mm": {**UNWEIGHTED, "loss": {"_target_": "DiceFocalLoss", "to_onehot_y": True, "softmax": True}},
-    "background_weight_0.1_6mm": _background_weight(0.1),
-    "background_weight_0.01_6mm": _background_weight(0.01),
+    "background_weight_0.1_6mm": demo.background_weight(0.1),
+    "background_weight_0.01_6mm": demo.background_weight(0.01),
 }
 
 
