@@ -185,3 +185,15 @@ def test_bundles_name_the_released_weights_in_large_files_yml():
         ssl["url"] == "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt"
     )
     assert not listed
+
+
+def test_install_without_the_internet_leaves_large_files_when_asked(local_zoo, tmp_path):
+    """``tools/zoo.py install ... --large_files false``, as the MONAI Label check runs it offline: the SSL bundle's
+    released encoder (a web URL in its large_files.yml) is not fetched, and the install succeeds."""
+    cmd = [sys.executable, str(zoo.__file__), "install", "swin_unetr_ssl_pretrain"]
+    cmd += ["--index", str(local_zoo / "model_info.json"), "--bundle_dir", str(tmp_path), "--large_files", "false"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    installed = tmp_path / "swin_unetr_ssl_pretrain"
+    assert (installed / "large_files.yml").is_file() and not (installed / "models" / "model_swinvit.pt").exists()
+    assert "not fetched (--large_files false)" in result.stdout

@@ -242,7 +242,8 @@ def main(work: str | None = None, venv: str | None = None, port: int = 8765, kee
             "--index",
             str(zoo_dir / "model_info.json"),
         ]
-        subprocess.run([*cmd, "--bundle_dir", str(app / "model")], check=True)
+        # offline: the released weights large_files.yml names are not fetched; stand-ins take their place
+        subprocess.run([*cmd, "--bundle_dir", str(app / "model"), "--large_files", "false"], check=True)
         write_stand_in_weights(python, app / "model" / name, out_channels)
 
     studies = work_dir / "studies"

@@ -44,6 +44,8 @@ from urllib.request import url2pathname
 import fire
 import yaml
 
+from swin_unetr_kit.settings import flag
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 KIT = REPO / "swin_unetr_kit"  # the shared code every bundle imports; each zip carries a copy
@@ -151,10 +153,13 @@ def lookup(index: str, name: str, version: str | None = None) -> tuple[str, dict
     return versions[version], entries[versions[version]]
 
 
-def install(name: str, index: str, bundle_dir: str = ".", version: str | None = None) -> str:
+def install(
+    name: str, index: str, bundle_dir: str = ".", version: str | None = None, large_files: bool | str = True
+) -> str:
     """Fetch ``name`` from the zoo described by ``index``, check its checksum, extract it into ``bundle_dir`` with
     MONAI's extraction (which refuses members that escape the folder) and fetch the files its ``large_files.yml``
-    lists (MONAI checks their hashes). Returns the installed bundle's path."""
+    lists (MONAI checks their hashes; ``--large_files false`` leaves them, for machines without the internet, where
+    the weights come another way). Returns the installed bundle's path."""
     from monai.apps.utils import download_url, extractall
     from monai.bundle import download_large_files
 
@@ -171,7 +176,10 @@ def install(name: str, index: str, bundle_dir: str = ".", version: str | None = 
         extractall(filepath=local, output_dir=bundle_dir, has_base=True)
     installed = Path(bundle_dir) / name
     if (installed / "large_files.yml").is_file():
-        download_large_files(bundle_path=str(installed))
+        if flag(large_files, "large_files"):
+            download_large_files(bundle_path=str(installed))
+        else:
+            print(f"{installed / 'large_files.yml'}: its files not fetched (--large_files false)")
     print(f"installed {key} into {installed}")
     return str(installed)
 
