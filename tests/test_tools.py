@@ -110,6 +110,65 @@ def test_benchmark_levers_skip_bf16_on_a_cpu_without_native_bf16(monkeypatch):
     assert _pipelines("cuda").keys().isdisjoint({"ours + bf16", "ours, int8 in PyTorch"})  # GPU runs: as they are
 
 
+def test_benchmark_gpu_levers_name_settings_the_bundle_has():
+    """Every GPU lever's config overrides name a setting of train.json/inference.json, or a component argument that
+    MONAI's engine takes (``compile``), so that each runs as the one-line override the README shows."""
+    import inspect
+
+    from benchmark import BUNDLE, CHANNELS_LAST, DATA_ON_GPU, _compute_dtype, _pipelines
+    from monai.bundle import ConfigParser
+    from monai.engines import SupervisedEvaluator, SupervisedTrainer
+
+    pipelines = _pipelines("cuda")
+    assert {"ours, no AMP (fp32)", "ours, TF32 instead of AMP", "ours, torch.compile", "ours, channels-last"} <= set(
+        pipelines
+    )
+    configs = {"infer": "inference.json", "train": "train.json"}
+    for name, (settings, _) in pipelines.items():
+        for workflow, overrides in settings.items():
+            parser = ConfigParser()
+            parser.read_config(str(BUNDLE / "configs" / configs[workflow]))
+            for key in overrides:
+                if key in (CHANNELS_LAST, DATA_ON_GPU):
+                    continue
+                parent, _, leaf = key.rpartition("#")
+                if leaf == "compile":
+                    engine = SupervisedEvaluator if workflow == "infer" else SupervisedTrainer
+                    assert parser[parent]["_target_"] == engine.__name__
+                    assert "compile" in inspect.signature(engine).parameters
+                else:
+                    assert key in parser, f"{name}: {configs[workflow]} has no {key}"
+    tf32 = pipelines["ours, TF32 instead of AMP"]
+    assert _compute_dtype(tf32[0]["train"], "cuda", tf32[1]) == "tf32"
+    assert _compute_dtype({"amp": False}, "cuda") == "float32"
+    assert _compute_dtype({"amp_dtype": "bfloat16"}, "cuda") == "bfloat16"
+    assert _compute_dtype({}, "cuda") == "float16"  # the bundle's AMP
+
+
+def test_benchmark_worker_levers_change_the_network_and_the_data(sample_dataset):
+    """channels-last converts the network's weights in place; data on the GPU moves the cached volumes to the
+    configured device (here the CPU, the same code path)."""
+    import torch
+    from benchmark import CHANNELS_LAST, DATA_ON_GPU, SIZES, _initialized_workflow
+
+    settings = {**SIZES["small"], "dataset_dir": str(sample_dataset), "bundle_root": str(sample_dataset / "run")}
+    settings.update({CHANNELS_LAST: True, DATA_ON_GPU: True, "device": "$torch.device('cpu')"})
+    workflow = _initialized_workflow("train.json", "train", settings)
+    network = workflow.parser.get_parsed_content("network")
+    weight = next(p for p in network.parameters() if p.dim() == 5 and p.shape[1] > 1 and p.shape[2] > 1)
+    assert weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    assert workflow.parser["deterministic_transforms"][-1]["_target_"] == "ToDeviced"
+    assert workflow.parser["train"]["preprocessing"]["transforms"].startswith("$@deterministic_transforms")
+
+
+def test_benchmark_reports_a_failed_pipeline_and_goes_on(tmp_path):
+    """A pipeline that breaks is a row saying why, not the end of a benchmark that has run for half an hour."""
+    from benchmark import _child
+
+    row = _child({}, "infer_worker", {"bundle_root": str(tmp_path), "network_def#feature_size": 5}, timeout=300)
+    assert row["failed"].startswith("exit 1: ") and "Error" in row["failed"]
+
+
 def test_benchmark_make_weights_saves_loadable_fine_tuned_weights(sample_dataset, tmp_path):
     """``python tools/benchmark.py make_weights`` at the small size, one iteration: weights the benchmark can load."""
     import torch
@@ -136,3 +195,17 @@ def test_benchmark_reference_runs_the_zoo_settings_on_the_cpu():
     assert (inferer.overlap, inferer.sw_batch_size, inferer.mode) == (0.5, 4, "constant")
     assert parser.get_parsed_content("cpu_inference").describe().startswith("CPU inference: fp32, PyTorch eager")
     assert parser["network_def"]["use_flash_attention"] is False
+
+
+def test_benchmark_gpu_script_names_known_pipelines():
+    """``tools/benchmark_gpu.sh`` parses, and every pipeline it asks for by name is one the benchmark has on a GPU."""
+    import re
+    import subprocess
+
+    from benchmark import REPO, _names, _pipelines
+
+    script = REPO / "tools" / "benchmark_gpu.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    named = re.findall(r'--pipelines "([^"]+)"', script.read_text())
+    assert named and {name for names in named for name in _names(names)} <= set(_pipelines("cuda"))
+    assert _names("ours,ours, reference blending") == ["ours", "ours, reference blending"]

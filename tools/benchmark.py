@@ -14,7 +14,9 @@ All pipelines are the same bundle configs run through MONAI's ``ConfigWorkflow``
 * ours, reference blending (inference only): ours with constant blending, to show what the speed levers alone do to
   the label map (the blending is a choice of accuracy, not of speed);
 * ours (+ tcmalloc on the CPU), checkpointing (training only): with gradient checkpointing, the user's trade of
-  speed for memory.
+  speed for memory;
+* on a GPU, each GPU lever changed on its own from ours: no AMP (fp32), TF32 matmuls instead of AMP, AMP in bf16,
+  no SDPA, channels-last memory, ``torch.compile``, the training data cached on the GPU, a larger sliding-window batch.
 
 Inference runs on two inputs: the real sample torso CT (resampled by the pipeline to the size's spacing) and a
 512 x 512 x 150 volume at a native CT spacing made from it (the size of a BTCV scan as stored). Every measurement
@@ -90,28 +92,71 @@ def _gpu_peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
 
-def infer_worker(overrides_file: str, softmax_file: str | None = None) -> None:
-    """(child process) Run the inference workflow once; print its time, windows run and peak memory as JSON, and
-    save the softmax of the (one) volume to ``softmax_file`` (float16 .npy; the saving is not timed)."""
-    import numpy as np
+def _gpu_math() -> dict:
+    """How the GPU's float32 matmuls ran (TF32 or full fp32): the ``TORCH_ALLOW_TF32_CUBLAS_OVERRIDE`` lever's
+    effect, read back."""
+    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32} if torch.cuda.is_available() else {}
+
+
+# settings the workers apply themselves (not config ids): what a user does to the network or the data in a line of
+# Python, measured without adding a switch to the bundle for it
+CHANNELS_LAST = "benchmark:channels_last"  # network weights in channels-last-3d memory order
+DATA_ON_GPU = "benchmark:data_on_gpu"  # the deterministic transforms' output moved to the device, so cached there
+
+
+def _initialized_workflow(config: str, workflow_type: str, settings: dict):
+    """A ``ConfigWorkflow`` of the bundle's ``config`` with ``settings``, initialized, the worker-side levers
+    applied."""
     from monai.bundle import ConfigWorkflow
 
-    settings = json.loads(Path(overrides_file).read_text())
-    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "inference.json"), workflow_type="infer", **settings)
+    settings = dict(settings)
+    channels_last, data_on_gpu = settings.pop(CHANNELS_LAST, False), settings.pop(DATA_ON_GPU, False)
+    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / config), workflow_type=workflow_type, **settings)
+    if data_on_gpu:  # CacheDataset then caches on the GPU and the random crops run there, in the main process
+        to_device = {"_target_": "ToDeviced", "keys": ["image", "label"], "device": "@device"}
+        workflow.parser["deterministic_transforms"] = [*workflow.parser["deterministic_transforms"], to_device]
     workflow.initialize()
+    if channels_last:
+        workflow.parser.get_parsed_content("network").to(memory_format=torch.channels_last_3d)  # in place
+    return workflow
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def infer_worker(overrides_file: str, softmax_file: str | None = None) -> None:
+    """(child process) Run the inference workflow once; print its time (the whole volume, and the part spent in the
+    network), windows run and peak memory as JSON, and save the softmax of the (one) volume to ``softmax_file``
+    (float16 .npy; the saving is not timed)."""
+    import numpy as np
+
+    settings = json.loads(Path(overrides_file).read_text())
+    workflow = _initialized_workflow("inference.json", "infer", settings)
     evaluator = workflow.parser.get_parsed_content("evaluator")
-    inferer, windows, saving = evaluator.inferer, [], []
+    inferer, windows, in_network, saving = evaluator.inferer, [], [], []
     prepare = inferer.prepare_network  # what runs the windows may be a conversion of the network: count its calls
 
     def counted(network: torch.nn.Module, window_shape: Sequence[int]):
         run = prepare(network, window_shape) if prepare else network
-        return lambda x, *args, **kwargs: windows.append(x.shape[0]) or run(x, *args, **kwargs)
+
+        def timed(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            _synchronize()  # on a GPU the window's kernels run asynchronously: time them, not their launch
+            start = time.perf_counter()
+            output = run(x, *args, **kwargs)
+            _synchronize()
+            windows.append(x.shape[0])
+            in_network.append(time.perf_counter() - start)
+            return output
+
+        return timed
 
     def saved(inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         output = inferer(inputs, network, *args, **kwargs)
         if softmax_file:
             start = time.perf_counter()
-            np.save(softmax_file, torch.softmax(torch.as_tensor(output).float(), 1).half().numpy())
+            np.save(softmax_file, torch.softmax(torch.as_tensor(output).float(), 1).half().cpu().numpy())
             saving.append(time.perf_counter() - start)
         return output
 
@@ -121,7 +166,8 @@ def infer_worker(overrides_file: str, softmax_file: str | None = None) -> None:
     seconds = time.perf_counter() - start - sum(saving)
     kernel = _kernel_share(usage, resource.getrusage(resource.RUSAGE_SELF))
     workflow.finalize()
-    result = {"seconds": seconds, "windows": sum(windows), "peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb()}
+    result = {"seconds": seconds, "network_seconds": sum(in_network), "windows": sum(windows)}
+    result.update({"peak_rss_mb": _peak_rss_mb(), "peak_gpu_mb": _gpu_peak_mb(), **_gpu_math()})
     print(json.dumps({**result, **kernel}))
 
 
@@ -129,17 +175,17 @@ def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
     """(child process) Train for ``iterations`` iterations; print the steady-state time per iteration (after
     ``warmup``), the share of it spent waiting for data, and peak memory as JSON."""
     from ignite.engine import Events
-    from monai.bundle import ConfigWorkflow
 
     settings = json.loads(Path(overrides_file).read_text())
     settings.update({"train#trainer#max_epochs": 1, "train#trainer#epoch_length": iterations, "val_interval": 10**6})
-    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train", **settings)
-    workflow.initialize()
+    workflow = _initialized_workflow("train.json", "train", settings)
     trainer = workflow.parser.get_parsed_content("train#trainer")
     marks: dict[str, list[float]] = {"start": [], "batch": [], "end": []}
     trainer.add_event_handler(Events.ITERATION_STARTED, lambda _: marks["batch"].append(time.perf_counter()))
     trainer.add_event_handler(Events.GET_BATCH_STARTED, lambda _: marks["start"].append(time.perf_counter()))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: marks["end"].append(time.perf_counter()))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda _: _synchronize() or marks["end"].append(time.perf_counter())
+    )
     usage = {}
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED(once=warmup), lambda _: usage.update(warm=resource.getrusage(resource.RUSAGE_SELF))
@@ -150,7 +196,7 @@ def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
     steady = range(warmup, len(marks["end"]))
     seconds = (marks["end"][-1] - marks["end"][warmup - 1]) / len(steady)
     waiting = sum(marks["batch"][i] - marks["start"][i] for i in steady) / len(steady)
-    volumes, crops_per_volume = workflow.parser["batch_size"], workflow.parser["num_samples"]
+    volumes, crops_per_volume = (workflow.parser.get_parsed_content(key) for key in ("batch_size", "num_samples"))
     result = {
         "seconds_per_iteration": seconds,
         "volumes_per_second": volumes / seconds,
@@ -159,26 +205,31 @@ def train_worker(overrides_file: str, iterations: int, warmup: int) -> None:
         "data_share": waiting / seconds,
         "peak_rss_mb": _peak_rss_mb(),
         "peak_gpu_mb": _gpu_peak_mb(),
+        **_gpu_math(),
     }
     kernel = _kernel_share(usage["warm"], usage["end"])
     kernel["minor_page_faults"] /= len(steady)  # per iteration
     print(json.dumps({**result, **kernel}))
 
 
-def _child(env: dict, worker: str, overrides: dict, *args: str) -> dict:
-    """Run ``worker`` with ``overrides`` (passed in a file) in a fresh process with the extra environment ``env``."""
+def _child(env: dict, worker: str, overrides: dict, *args: str, timeout: float | None = None) -> dict:
+    """Run ``worker`` with ``overrides`` (passed in a file) in a fresh process with the extra environment ``env``;
+    its JSON result, or ``{"failed": why}`` (a pipeline that breaks or outlasts ``timeout`` seconds is reported in the
+    table, and the others still run)."""
     overrides_file = Path(overrides["bundle_root"]) / f"{worker}_overrides.json"
     overrides_file.parent.mkdir(parents=True, exist_ok=True)
     overrides_file.write_text(json.dumps(overrides))
     cmd = [sys.executable, str(Path(__file__).resolve()), worker, str(overrides_file), *args]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**clean, **env})
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, env={**clean, **env}, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"stopped after {timeout:.0f} s"}
     if result.returncode != 0:
         killed = " (killed by SIGKILL: out of memory?)" if result.returncode == -9 else ""
-        raise RuntimeError(
-            f"{worker} {overrides_file} failed with exit {result.returncode}{killed}:\n"
-            f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-        )
+        print(f"{worker} {overrides_file} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}", file=sys.stderr)
+        errors = [line for line in result.stderr.splitlines() if re.match(r"[\w.]+(Error|Exception)\b", line)]
+        return {"failed": f"exit {result.returncode}{killed}: {(errors or [''])[-1][:300]}"}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -218,7 +269,7 @@ def network_flops(network: torch.nn.Module, window: Sequence[int]) -> dict:
     forward + backward."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.rand(1, *window)
+    x = torch.rand(1, *window, device=next(network.parameters()).device)
     with FlopCounterMode(display=False) as forward, torch.no_grad():
         network.eval()(x)
     with FlopCounterMode(display=False) as training:
@@ -280,7 +331,7 @@ def levers(
     if threads > 1:
         variants["SDPA, 1 thread"] = (sdpa, {}, 1)
     if only:
-        wanted = {"reference (fp32, no SDPA)", *(only.split(",") if isinstance(only, str) else only)}
+        wanted = {"reference (fp32, no SDPA)", *(_names(only) if isinstance(only, str) else only)}
         variants = {name: variant for name, variant in variants.items() if name in wanted}
     runners, setup = {}, {}
     with torch.no_grad():
@@ -326,6 +377,12 @@ def levers(
         Path(out).write_text(json.dumps(results, indent=2) + "\n")
 
 
+def _names(text: str) -> list[str]:
+    """The names in a comma-separated list of pipeline or lever names, which have commas of their own, each followed
+    by a space (``"ours,ours, reference blending"``: two names)."""
+    return re.split(r",(?! )", text)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text)
 
@@ -354,6 +411,26 @@ def _inference_levers(device: str) -> dict[str, tuple[dict, dict] | str]:
     return levers
 
 
+def _gpu_levers() -> dict[str, tuple[dict, dict]]:
+    """The GPU levers, each changed on its own from the bundle's defaults (AMP fp16, SDPA, the data cached in host
+    memory and loaded by 4 workers): name -> (settings of the inference and/or the training run, environment)."""
+    tf32 = {"TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1"}  # PyTorch's switch for TF32 in cuBLAS (cuDNN uses it already)
+    return {
+        "ours, no AMP (fp32)": ({"infer": {"amp": False}, "train": {"amp": False}}, {}),
+        "ours, TF32 instead of AMP": ({"infer": {"amp": False}, "train": {"amp": False}}, tf32),
+        "ours, AMP in bf16": ({"infer": {"amp_dtype": "bfloat16"}, "train": {"amp_dtype": "bfloat16"}}, {}),
+        "ours, no SDPA": (
+            {"infer": {"network_def#use_flash_attention": False}, "train": {"network_def#use_flash_attention": False}},
+            {},
+        ),
+        "ours, channels-last": ({"infer": {CHANNELS_LAST: True}, "train": {CHANNELS_LAST: True}}, {}),
+        "ours, data cached on the GPU": ({"train": {DATA_ON_GPU: True, "train#dataloader#num_workers": 0}}, {}),
+        "ours, sw_batch_size 16": ({"infer": {"sw_batch_size": 16}}, {}),
+        # last: compiling takes minutes, and a volume's windows include a smaller last batch (a second compilation)
+        "ours, torch.compile": ({"infer": {"evaluator#compile": True}, "train": {"train#trainer#compile": True}}, {}),
+    }
+
+
 def _pipelines(device: str) -> dict[str, tuple[dict, dict] | str]:
     """name -> (settings of the inference and/or the training run, environment), or why it does not apply here."""
     fast_malloc = tcmalloc_env() if device == "cpu" else {}
@@ -367,6 +444,8 @@ def _pipelines(device: str) -> dict[str, tuple[dict, dict] | str]:
         pipelines[name] = lever if isinstance(lever, str) else ({"infer": lever[0]}, lever[1])
     checkpointing = "ours + tcmalloc, checkpointing" if fast_malloc else "ours, checkpointing"
     pipelines[checkpointing] = ({"train": {"network_def#use_checkpoint": True}}, fast_malloc)
+    if device == "cuda":
+        pipelines.update(_gpu_levers())
     return pipelines
 
 
@@ -386,19 +465,25 @@ def _peaks(device: str) -> dict[str, float]:
     from swin_unetr_kit.cpu_inference import native_bf16
 
     if device == "cuda":
-        return {"float32": matmul_peak_flops(device), "float16": matmul_peak_flops(device, "float16")}
+        peaks = {dtype: matmul_peak_flops(device, dtype) for dtype in ("float32", "float16", "bfloat16")}
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peaks["tf32"] = matmul_peak_flops(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        return peaks
     peaks = {"float32": matmul_peak_flops(device), "int8": int8_linear_peak_flops()}
     if native_bf16():
         peaks["bfloat16"] = matmul_peak_flops(device, "bfloat16")
     return peaks
 
 
-def _compute_dtype(settings: dict, device: str) -> str:
+def _compute_dtype(settings: dict, device: str, env: dict | None = None) -> str:
     from swin_unetr_kit.cpu_inference import choose_precision
 
     precision = choose_precision(settings.get("cpu_precision", "auto"))[0]  # the configs' default: auto
     if device == "cuda":
-        return "float32" if settings.get("amp") is False else "float16"
+        if settings.get("amp") is False:
+            return "tf32" if (env or {}).get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE") == "1" else "float32"
+        return settings.get("amp_dtype", "float16")
     return {"bf16": "bfloat16", "int8": "int8"}.get(precision, "float32")
 
 
@@ -474,17 +559,25 @@ def main(
     dataset_dir: str | None = None,
     pipelines: str | Sequence[str] | None = None,
     train_overrides: dict | None = None,
+    pipeline_timeout: float = 3600.0,
+    inputs: str | Sequence[str] = ("sample", "native"),
 ) -> None:
     """Benchmark inference and/or training (``workflow``: inference, training or all) of the pipelines (the
-    comma-separated names in ``pipelines``, or ``all``; default: all at the small size, PAPER_PIPELINES at paper
-    size; the reference always runs); print a table, write JSON to ``out``.
+    comma-separated names in ``pipelines``, no space after the separating commas, or ``all``; default: all at the
+    small size, PAPER_PIPELINES at paper size; the reference always runs); print a table, write JSON to ``out``.
 
     ``train_overrides``: settings applied to every training pipeline, the reference's too (e.g. ``{"batch_size": 1,
     "num_samples": 1}`` where the reference's batch of 2 volumes x 2 crops does not fit in memory: at paper size it
     needs more than 24 GB on a CPU).
 
     The network's weights: ``ckpt``, else those of ``make_weights`` for ``size`` where they exist, else seeded random
-    weights (agreement figures then mean little; the results say which)."""
+    weights (agreement figures then mean little; the results say which).
+
+    ``inputs``: the inference inputs, ``sample`` (the sample CT) and/or ``native`` (it at 512 x 512 x 150).
+
+    Each pipeline runs in a fresh process, stopped after ``pipeline_timeout`` seconds; one that fails or is stopped is
+    reported as such and the others still run. ``out`` is rewritten after every pipeline, so a benchmark that is cut
+    short keeps what it measured."""
     import sample_data
     from monai.bundle import ConfigWorkflow
 
@@ -492,9 +585,14 @@ def main(
 
     if workflow not in ("inference", "training", "all"):
         raise ValueError(f"workflow must be inference, training or all, got {workflow!r}")
+    wanted_inputs = inputs.split(",") if isinstance(inputs, str) else list(inputs)
+    if not wanted_inputs or set(wanted_inputs) - {"sample", "native"}:
+        raise ValueError(f"inputs must name sample and/or native, got {inputs!r}")
     began = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = {**SIZES[size], "num_workers": 0}
+    base = {**SIZES[size]}
+    if device == "cpu":  # data workers would compete with the network for the few cores; a GPU host has them to spare
+        base["num_workers"] = 0
     dataset_dir = dataset_dir or sample_data.prepare()
     work = Path(tempfile.mkdtemp(prefix="swin_unetr_benchmark_"))
     torch.manual_seed(0)
@@ -509,7 +607,8 @@ def main(
         torch.save(network.state_dict(), ckpt)
     else:
         network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-    flops = network_flops(network, [parser["in_channels"], *parser["roi_size"]])
+    flops = network_flops(network.to(device), [parser["in_channels"], *parser["roi_size"]])
+    network.cpu()
     torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
     case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
     datalist = work / "datalist.json"  # the sample CT twice, so that the reference's batch of 2 volumes is full
@@ -534,7 +633,7 @@ def main(
     if pipelines is None and size == "paper":
         pipelines = PAPER_PIPELINES
     if pipelines and pipelines != "all":
-        wanted = {"reference", *(pipelines.split(",") if isinstance(pipelines, str) else pipelines)}
+        wanted = {"reference", *(_names(pipelines) if isinstance(pipelines, str) else pipelines)}
         unknown = wanted - set(chosen)
         if unknown:
             raise ValueError(f"unknown pipelines {sorted(unknown)}; known: {list(chosen)}")
@@ -543,45 +642,67 @@ def main(
     runnable = {name: value for name, value in chosen.items() if not isinstance(value, str)}
     inference = {name: (settings["infer"], env) for name, (settings, env) in runnable.items() if "infer" in settings}
     training = {name: (settings["train"], env) for name, (settings, env) in runnable.items() if "train" in settings}
+
+    def save() -> None:
+        results["benchmark_seconds"] = time.perf_counter() - began
+        if out:
+            Path(out).write_text(json.dumps(results, indent=2) + "\n")
+
     if workflow in ("inference", "all"):
-        inputs = {"sample CT": torso, "512x512x150": native_resolution_ct(torso, work / "native_ct.nii.gz")}
-        for input_name, path in inputs.items():
+        volumes = {}
+        if "sample" in wanted_inputs:
+            volumes["sample CT"] = torso
+        if "native" in wanted_inputs:
+            volumes["512x512x150"] = native_resolution_ct(torso, work / "native_ct.nii.gz")
+        for input_name, path in volumes.items():
             rows = results["inference"][input_name] = {}
             for name, (settings, env) in inference.items():
                 folder = work / "infer" / _slug(f"{input_name} {name}")
                 overrides = {**base, **settings, "input": str(path), "ckpt_path": ckpt}
                 overrides.update({"output_dir": str(folder), "bundle_root": str(folder)})
-                rows[name] = _child(env, "infer_worker", overrides, str(folder / "softmax.npy"))
-                dtype = _compute_dtype({**REFERENCE["infer"], **settings} if name == "reference" else settings, device)
-                rows[name]["compute_dtype"] = dtype
-                rows[name]["flops_per_second"] = rows[name]["windows"] * flops["forward"] / rows[name]["seconds"]
-                rows[name]["share_of_peak"] = rows[name]["flops_per_second"] / results["peak_flops"][dtype]
-                rows[name]["label_map"] = str(next(folder.glob("*_seg.nii.gz")))
-            reference_folder = work / "infer" / _slug(f"{input_name} reference")
-            for name in inference:
-                folder = work / "infer" / _slug(f"{input_name} {name}")
-                rows[name]["dice_agreement"] = _dice_agreement(
-                    Path(rows["reference"]["label_map"]), Path(rows[name]["label_map"])
+                row = rows[name] = _child(
+                    env, "infer_worker", overrides, str(folder / "softmax.npy"), timeout=pipeline_timeout
                 )
-                rows[name].update(_softmax_agreement(reference_folder / "softmax.npy", folder / "softmax.npy"))
-            for name in inference:
+                if "failed" not in row:
+                    applied = {**REFERENCE["infer"], **settings} if name == "reference" else settings
+                    row["compute_dtype"] = dtype = _compute_dtype(applied, device, env)
+                    row["flops_per_second"] = row["windows"] * flops["forward"] / row["seconds"]
+                    row["share_of_peak"] = row["flops_per_second"] / results["peak_flops"][dtype]
+                    network_flops_per_second = row["windows"] * flops["forward"] / row["network_seconds"]
+                    row["network_share_of_peak"] = network_flops_per_second / results["peak_flops"][dtype]
+                    row["label_map"] = str(next(folder.glob("*_seg.nii.gz")))
+                save()
+            reference_folder = work / "infer" / _slug(f"{input_name} reference")
+            measured = [name for name in inference if "failed" not in rows[name]]
+            if "reference" in measured:
+                for name in measured:
+                    folder = work / "infer" / _slug(f"{input_name} {name}")
+                    rows[name]["dice_agreement"] = _dice_agreement(
+                        Path(rows["reference"]["label_map"]), Path(rows[name]["label_map"])
+                    )
+                    rows[name].update(_softmax_agreement(reference_folder / "softmax.npy", folder / "softmax.npy"))
+            for name in measured:
                 if name != "reference":
                     (work / "infer" / _slug(f"{input_name} {name}") / "softmax.npy").unlink()  # ~100s of MB each
             rows.update({name: {"not_applicable": reason} for name, reason in not_applicable.items()})
+            save()
     if workflow in ("training", "all"):
         for name, (settings, env) in training.items():
             folder = work / "train" / _slug(name)
             overrides = {**base, **settings, **(train_overrides or {}), "dataset_dir": dataset_dir}
             overrides["datalist"] = str(datalist)
             overrides.update({"bundle_root": str(folder), "check_data": False, "resume": False})
-            row = results["training"][name] = _child(env, "train_worker", overrides, str(iterations), str(warmup))
-            row["flops_per_second"] = row["crops_per_second"] * flops["training"]
-            dtype = _compute_dtype({**REFERENCE["train"], **settings} if name == "reference" else settings, device)
-            row["share_of_peak"] = row["flops_per_second"] / results["peak_flops"][dtype]
-    results["benchmark_seconds"] = time.perf_counter() - began
+            row = results["training"][name] = _child(
+                env, "train_worker", overrides, str(iterations), str(warmup), timeout=pipeline_timeout
+            )
+            if "failed" not in row:
+                row["flops_per_second"] = row["crops_per_second"] * flops["training"]
+                applied = {**REFERENCE["train"], **settings} if name == "reference" else settings
+                dtype = row["compute_dtype"] = _compute_dtype(applied, device, env)
+                row["share_of_peak"] = row["flops_per_second"] / results["peak_flops"][dtype]
+            save()
+    save()
     _print_table(results)
-    if out:
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _print_table(results: dict) -> None:
@@ -594,15 +715,15 @@ def _print_table(results: dict) -> None:
         width = max(len(name) for name in rows) + 2
         print(f"\n{title}\n{'':{width}}" + "".join(f"{label:>24}" for label, _ in figures))
         for name, row in rows.items():
-            if "not_applicable" in row:
-                print(f"{name:{width}}{row['not_applicable']}")
+            if "not_applicable" in row or "failed" in row:
+                print(f"{name:{width}}{row.get('not_applicable') or 'failed: ' + row['failed']}")
                 continue
             cells = []
             for _, key in figures:
-                value, ref = row.get(key), rows["reference"].get(key)
+                value, ref = row.get(key), rows.get("reference", {}).get(key)
                 if value is None:
                     cells.append(f"{'-':>24}")
-                elif ref and key not in ("dice_agreement", "share_of_peak", "softmax_mean_abs_difference"):
+                elif ref and "share" not in key and key not in ("dice_agreement", "softmax_mean_abs_difference"):
                     cells.append(f"{value:>15.3f} ({value / ref:5.2f}x)")
                 else:
                     cells.append(f"{value:>24.4f}")
@@ -610,11 +731,13 @@ def _print_table(results: dict) -> None:
 
     gpu = [("peak GPU MB", "peak_gpu_mb")] if not results["device"].startswith("cpu") else []
     for input_name, rows in results["inference"].items():
-        confidence = rows["reference"].get("reference_confidence")
+        confidence = rows.get("reference", {}).get("reference_confidence", float("nan"))
         title = f"inference, {input_name} (reference's mean top softmax probability {confidence:.3f})"
-        figures = [("s per volume", "seconds"), ("peak RSS MB", "peak_rss_mb"), *gpu]
+        figures = [("s per volume", "seconds"), ("s in the network", "network_seconds")]
+        figures += [("peak RSS MB", "peak_rss_mb"), *gpu]
         figures += [("Dice agreement", "dice_agreement"), ("softmax mean abs diff", "softmax_mean_abs_difference")]
-        figures += [("share of dtype peak", "share_of_peak"), ("kernel share of CPU", "kernel_time_share")]
+        figures += [("share of dtype peak", "share_of_peak"), ("network share of peak", "network_share_of_peak")]
+        figures += [("kernel share of CPU", "kernel_time_share")]
         block(title, rows, figures)
     if results["training"]:
         block(
