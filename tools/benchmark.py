@@ -466,9 +466,9 @@ def _peaks(device: str) -> dict[str, float]:
 
     if device == "cuda":
         peaks = {dtype: matmul_peak_flops(device, dtype) for dtype in ("float32", "float16", "bfloat16")}
-        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, True
         peaks["tf32"] = matmul_peak_flops(device)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         return peaks
     peaks = {"float32": matmul_peak_flops(device), "int8": int8_linear_peak_flops()}
     if native_bf16():
@@ -608,7 +608,6 @@ def main(
     else:
         network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     flops = network_flops(network.to(device), [parser["in_channels"], *parser["roi_size"]])
-    network.cpu()
     torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
     case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
     datalist = work / "datalist.json"  # the sample CT twice, so that the reference's batch of 2 volumes is full

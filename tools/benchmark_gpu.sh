@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 phase=${1:-all}
 out=${2:-benchmark_gpu}
-dataset=${3:-$(python3 tools/sample_data.py)}
+dataset=${3:-$(python3 tools/sample_data.py | tail -n 1)}  # its last line: the folder
 mkdir -p "$out"
 bench=(python3 tools/benchmark.py --size paper --dataset_dir "$dataset" --pipeline_timeout 180)
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used,temperature.gpu --format=csv >"$out/gpu.txt"
