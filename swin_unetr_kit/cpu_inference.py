@@ -30,6 +30,7 @@ import copy
 import importlib.util
 import io
 import logging
+import os
 import tempfile
 import warnings
 import weakref
@@ -166,12 +167,23 @@ class OnnxRuntimeNetwork:
         return torch.from_numpy(output).to(x.device)
 
 
+def _load_tbb_without_deep_binding() -> None:
+    """Lets OpenVINO run beside a preloaded malloc (tcmalloc, as the READMEs advise, or jemalloc). oneTBB, OpenVINO's
+    threading, loads its hwloc binding with ``RTLD_DEEPBIND``: hwloc then frees with glibc's ``free`` what the
+    preloaded ``malloc`` gave, and the process aborts ("free(): invalid pointer", oneTBB issue 1636).
+    ``TBB_ENABLE_SANITIZERS=1``, read when oneTBB loads that binding, drops the deep binding; a value the user set
+    stays."""
+    if os.environ.get("LD_PRELOAD"):
+        os.environ.setdefault("TBB_ENABLE_SANITIZERS", "1")
+
+
 class OpenVinoNetwork:
     """``network`` exported to ONNX (:func:`onnx_model`: its batch dimension stays dynamic, which OpenVINO's own
     tracing of the Swin window partition does not keep), read by OpenVINO and compiled for its CPU plugin in
     ``precision`` (``"fp32"`` or ``"bf16"``) with ``threads`` inference threads (0: its default)."""
 
     def __init__(self, network: nn.Module, example: torch.Tensor, threads: int = 0, precision: str = "fp32") -> None:
+        _load_tbb_without_deep_binding()
         import openvino
 
         with tempfile.TemporaryDirectory() as folder:

@@ -11,10 +11,13 @@ export tests).
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,17 +252,34 @@ def test_freed_memory_is_kept_only_where_pytorch_runs_the_network(bundle):
         assert parser.get_parsed_content("cpu_keep_freed_memory") == "true"  # the flag() of initialize reads it
 
 
-def test_bundle_inference_command_logs_the_choice(synthetic_dataset, tmp_path):
-    """``python -m monai.bundle run`` from the bundle folder with ``--cpu_precision int8``, as the README shows it."""
+def _bundle_inference_command(dataset: Path, tmp_path: Path, *args: str, **env: str) -> str:
+    """``python -m monai.bundle run`` of the BTCV inference from the bundle folder, as the README shows it; its log."""
     torch.manual_seed(0)
     torch.save(SwinUNETR(in_channels=1, out_channels=14, feature_size=12).state_dict(), tmp_path / "model.pt")
     overrides = {**SMALL, "ckpt_path": str(tmp_path / "model.pt"), "output_dir": str(tmp_path / "out")}
-    overrides["input"] = str(synthetic_dataset / "imagesTs" / "test0.nii.gz")
+    overrides["input"] = str(dataset / "imagesTs" / "test0.nii.gz")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs("inference")[0]]
     cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
-    cmd += ["--cpu_precision", "int8"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=BTCV_BUNDLE)
+    environment = {**os.environ, **env}
+    result = subprocess.run(
+        cmd + list(args), capture_output=True, text=True, timeout=600, cwd=BTCV_BUNDLE, env=environment
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    output = result.stdout + result.stderr
-    assert output.count("CPU inference: int8") == 1
     assert (tmp_path / "out" / "test0_seg.nii.gz").is_file()
+    return result.stdout + result.stderr
+
+
+def test_bundle_inference_command_logs_the_choice(synthetic_dataset, tmp_path):
+    """The command with ``--cpu_precision int8``: the choice is logged once."""
+    output = _bundle_inference_command(synthetic_dataset, tmp_path, "--cpu_precision", "int8")
+    assert output.count("CPU inference: int8") == 1
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("tcmalloc_minimal"), reason="libtcmalloc-minimal4 not installed")
+def test_the_default_runtime_runs_under_a_preloaded_tcmalloc(synthetic_dataset, tmp_path):
+    """``LD_PRELOAD=libtcmalloc_minimal.so.4 python -m monai.bundle run ...``, as the READMEs advise for the CPU, at
+    the default runtime: OpenVINO's oneTBB used to abort the process there ("free(): invalid pointer")."""
+    pytest.importorskip("openvino")
+    env = {"LD_PRELOAD": "libtcmalloc_minimal.so.4"}
+    output = _bundle_inference_command(synthetic_dataset, tmp_path, "--cpu_runtime", "auto", **env)  # tests pin torch
+    assert "OpenVINO" in next(line for line in output.splitlines() if "CPU inference: " in line)
