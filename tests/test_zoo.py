@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -197,3 +198,13 @@ def test_install_without_the_internet_leaves_large_files_when_asked(local_zoo, t
     installed = tmp_path / "swin_unetr_ssl_pretrain"
     assert (installed / "large_files.yml").is_file() and not (installed / "models" / "model_swinvit.pt").exists()
     assert "not fetched (--large_files false)" in result.stdout
+
+
+def test_the_readme_names_each_zip_at_its_bundles_version():
+    """The README's install commands name ``<bundle>_v<version>.zip``: the version ``tools/zoo.py package`` writes."""
+    readme = (zoo.REPO / "README.md").read_text()
+    named = re.findall(r"(swin_unetr_\w+?)_v(\d+\.\d+\.\d+)\.zip", readme)
+    assert named
+    for bundle, version in named:
+        metadata = json.loads((zoo.REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+        assert version == metadata["version"], f"README: {bundle}_v{version}.zip, bundle at {metadata['version']}"
