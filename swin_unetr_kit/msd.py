@@ -18,9 +18,12 @@ from pathlib import Path
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    Compose,
+    CropForegroundd,
     MapTransform,
     NormalizeIntensityd,
     RandCropByLabelClassesd,
+    RandSpatialCropd,
     RandSpatialCropSamplesd,
     ScaleIntensityRanged,
 )
@@ -34,11 +37,13 @@ logger = logging.getLogger(__name__)
 # the BTCV reference's fine-tuning recipe, used by every task whose table entry has no ``recipe`` of its own
 BTCV_RECIPE = {
     "ce_weight": 1.0,  # DiceCE; 0 is the Dice loss alone
-    "crop": "label_classes",  # crop centres drawn per label class (``crop_ratios``); "random": anywhere
+    "crop": "label_classes",  # crop centres drawn per label class (``crop_ratios``); "random": see crop_transform
     "num_samples": 4,
     "flip_prob": 0.2,
     "rotate90_prob": 0.2,
     "intensity_prob": 0.1,
+    "zscore_crops": False,  # z-score each training crop again, on its own statistics (BRATS21)
+    "val_interval": 100,  # epochs between validations (the selection of model.pt)
 }
 
 
@@ -124,21 +129,37 @@ def ssl_checkpoint(settings: Mapping, pretrained_ckpt: str | None, ssl_init: boo
 
 def crop_transform(
     settings: Mapping, roi_size: Sequence[int], num_samples: int, ratios: Sequence[float] | None = None
-) -> MapTransform:
-    """The training crop of the task's recipe: centres drawn per label class with ``ratios`` (BTCV recipe), or
-    anywhere in the foreground-cropped volume (the BRATS21 recipe's random crop)."""
+) -> MapTransform | Compose:
+    """The training crop of the task's recipe, applied to the normalised, foreground-cropped volume.
+
+    ``label_classes`` (BTCV recipe): centres drawn per label class with ``ratios``. ``random`` (BRATS21 recipe, its
+    ``utils/data_utils.py``): the foreground box grown to a multiple of the window, zero-padded, and windows drawn
+    anywhere in it, so that they hold as much background as the reference's; with the recipe's ``zscore_crops`` each
+    window is then z-scored on its own non-zero voxels as the reference does (a z-score of the z-scored volume is
+    that of the raw crop: the statistics of a crop, not of the volume)."""
     keys = ["image", "label"]
-    if settings["recipe"]["crop"] == "random":
-        return RandSpatialCropSamplesd(keys, roi_size=roi_size, num_samples=num_samples, random_size=False)
-    return RandCropByLabelClassesd(
-        keys,
-        label_key="label",
-        spatial_size=roi_size,
-        num_classes=settings["num_labels"],
-        ratios=ratios,
-        num_samples=num_samples,
-        warn=False,
-    )
+    recipe = settings["recipe"]
+    if recipe["crop"] != "random":
+        return RandCropByLabelClassesd(
+            keys,
+            label_key="label",
+            spatial_size=roi_size,
+            num_classes=settings["num_labels"],
+            ratios=ratios,
+            num_samples=num_samples,
+            warn=False,
+        )
+    # normalised volumes keep their background at exactly 0 (CT at the window's lower bound, MRI outside the body)
+    grow = CropForegroundd(keys, source_key="image", select_fn=lambda x: x != 0, k_divisible=roi_size)
+    if num_samples == 1:  # the reference's transform, so that one seed draws the reference's window
+        crop = RandSpatialCropd(keys, roi_size=roi_size, random_size=False)
+    else:
+        crop = RandSpatialCropSamplesd(keys, roi_size=roi_size, num_samples=num_samples, random_size=False)
+    if not recipe["zscore_crops"]:
+        return Compose([grow, crop])
+    if settings["intensity"].get("zscore") != "nonzero":
+        raise ValueError(f"{settings['task']}: zscore_crops needs the 'zscore': 'nonzero' intensity normalisation")
+    return Compose([grow, crop, intensity_transform(settings)])
 
 
 def channel_def(settings: Mapping) -> dict[str, str]:

@@ -14,7 +14,15 @@ import torch
 from conftest import REPO, SCHEMA, SMALL, run_workflow, torchrun_bundle, write_msd_task
 from monai.bundle import ConfigWorkflow, verify_net_in_out
 from monai.losses import DiceCELoss, DiceLoss
-from monai.transforms import RandCropByLabelClassesd, RandFlipd, RandSpatialCropSamplesd
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    LoadImaged,
+    NormalizeIntensityd,
+    RandCropByLabelClassesd,
+    RandFlipd,
+    RandSpatialCropd,
+)
 
 from swin_unetr_kit.data import DataError
 from swin_unetr_kit.msd import (
@@ -101,10 +109,24 @@ def test_task_recipes_brain_tumour_follows_brats21(tmp_path):
     torch.testing.assert_close(
         brain.parser.get_parsed_content("loss")(logits, regions), DiceLoss(sigmoid=True)(logits, regions)
     )
-    crop = brain.parser.get_parsed_content("train#random_transforms#1")
-    assert isinstance(crop, RandSpatialCropSamplesd) and crop.cropper.num_samples == 1  # one random 128^3 crop
+    crop = brain.parser.get_parsed_content("train#random_transforms#1").transforms[1]
+    assert isinstance(crop, RandSpatialCropd) and crop.cropper.roi_size == [128, 128, 128]  # one random 128^3 crop
     flips = [t for t in brain.parser.get_parsed_content("train#random_transforms") if isinstance(t, RandFlipd)]
     assert [t.prob for t in flips] == [0.5, 0.5, 0.5]
+    # BRATS21 README's commands: --val_every=5; main.py: 50 warm-up epochs of 300
+    brain300 = parse(
+        msd_configs("train"),
+        bundle_root=str(MSD_BUNDLE),
+        task="Task01_BrainTumour",
+        **{"train#trainer#max_epochs": 300},
+    )
+    assert brain300.parser.get_parsed_content("val_interval") == 5
+    assert brain300.parser.get_parsed_content("lr_scheduler#warmup_steps") == 50
+    # SwinMM mode keeps the recipe's Dice-only loss (each view's Dice, plus the consistency term)
+    swinmm = parse(msd_configs("train", "swinmm"), **outputs(tmp_path), task="Task01_BrainTumour", consistency_weight=0)
+    two_views = torch.cat([logits, logits.flip(0)], 1)
+    expected = (DiceLoss(sigmoid=True)(logits, regions) + DiceLoss(sigmoid=True)(logits.flip(0), regions)) / 2
+    torch.testing.assert_close(swinmm.parser.get_parsed_content("loss")(two_views, regions), expected)
     labels = torch.randint(0, 2, (2, 1, 8, 8, 8))
     spleen_logits = torch.randn(2, 2, 8, 8, 8)
     torch.testing.assert_close(
@@ -113,6 +135,50 @@ def test_task_recipes_brain_tumour_follows_brats21(tmp_path):
     )
     crop = spleen.parser.get_parsed_content("train#random_transforms#1")
     assert isinstance(crop, RandCropByLabelClassesd) and crop.cropper.num_samples == 4
+
+
+def test_brain_tumour_crops_are_the_brats21_crops(tmp_path):
+    """BRATS21's ``utils/data_utils.py`` train transform, rebuilt: the foreground box grown to multiples of the window
+    (``CropForegroundd(k_divisible=roi)``, zero-padded), one random window in it, then a channel-wise z-score of that
+    window's non-zero voxels. The bundle normalises and crops the volume first (cached), then crops as that: with the
+    same seed it draws the reference's windows, with the reference's values."""
+    task = "Task01_BrainTumour"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE))
+    roi = [32, 32, 32]  # the generated head is 48 x 56 x 40: its box grows to 64^3, where a 32^3 window moves
+    brain = parse(msd_configs("train"), **outputs(tmp_path), task=task, **{"displayable_configs#roi_edge": 32})
+    assert brain.parser.get_parsed_content("roi_size") == roi
+    ours = brain.parser.get_parsed_content("train#random_transforms")
+    prepare = Compose([*brain.parser.get_parsed_content("deterministic_transforms"), ours[0]])
+    reference = Compose(
+        [
+            LoadImaged(["image", "label"], ensure_channel_first=True),
+            CropForegroundd(["image", "label"], source_key="image", k_divisible=roi, allow_smaller=True),
+            RandSpatialCropd(["image", "label"], roi_size=roi, random_size=False),
+            NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+        ]
+    )
+    case = {k: str(dataset / v) for k, v in json.loads((dataset / "dataset.json").read_text())["training"][0].items()}
+    prepared = prepare(dict(case))
+    ours[1].transforms[1].set_random_state(seed=7)
+    reference.transforms[2].set_random_state(seed=7)
+    starts = set()
+    for _ in range(8):
+        mine, theirs = ours[1](dict(prepared)), reference(dict(case))
+        assert mine["image"].shape == theirs["image"].shape == (4, *roi)
+        torch.testing.assert_close(mine["image"].as_tensor(), theirs["image"].as_tensor(), rtol=1e-4, atol=1e-4)
+        assert torch.equal(mine["label"].as_tensor().to(torch.uint8), theirs["label"].as_tensor().to(torch.uint8))
+        starts.add(tuple(theirs["image"].meta["affine"][:3, 3].tolist()))
+    assert len(starts) > 1  # the windows moved, and followed the reference's each time
+    # validation: the reference z-scores the whole volume; the bundle its foreground box, whose outside is all zeros
+    # that the non-zero z-score leaves out, so the same values on the box that the network sees
+    load, zscore = (
+        LoadImaged("image", ensure_channel_first=True),
+        NormalizeIntensityd("image", nonzero=True, channel_wise=True),
+    )
+    whole = Compose([load, zscore])
+    box = CropForegroundd("image", source_key="image", select_fn=lambda x: x != 0)(whole({"image": case["image"]}))
+    validation = brain.parser.get_parsed_content("validate#preprocessing")(dict(case))
+    torch.testing.assert_close(validation["image"].as_tensor(), box["image"].as_tensor(), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_task_is_an_error_listing_the_ten(tmp_path):
