@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -20,6 +22,7 @@ from conftest import REPO, SCHEMA, SMALL, released_layout, write_msd_task
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 from monai.networks.nets import SwinUNETR
 
+import swin_unetr_kit
 from swin_unetr_kit.msd import task_metadata, task_settings
 
 MSD_TASKS = REPO / "bundles" / "swin_unetr_msd" / "configs" / "tasks.json"
@@ -67,6 +70,30 @@ def test_required_files_metadata_and_readme(bundle):
     # what a zoo pull request carries: the tracked files, not a user's run outputs (git-ignored models/, eval/)
     large = [name for name, path in zoo.bundle_files(bundle).items() if path.stat().st_size > zoo.LARGE_FILE_BYTES]
     assert not large, f"files over 25 MB belong in large_files.yml, not the bundle: {large}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=lambda b: b.name)
+def test_metadata_lists_every_package_the_bundles_code_imports(bundle):
+    """The zoo's CI installs a bundle's ``required_packages_version`` (besides monai, torch and numpy) and nothing
+    else: every package imported at module level by the kit modules the bundle's configs use must be listed, and at
+    a version that installs on the zoo CI's Python 3.10 (numpy 2.3 and matplotlib 3.11 need 3.11)."""
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    configs = "".join(p.read_text() for p in (bundle / "configs").glob("*.json"))
+    # `$import swin_unetr_kit` runs the package's __init__, which imports its core modules
+    used = set(re.findall(r"swin_unetr_kit\.(\w+)", configs)) | set(swin_unetr_kit.__all__) | {"__init__"}
+    imported = set()
+    for module in used:
+        for node in ast.parse((REPO / "swin_unetr_kit" / f"{module}.py").read_text()).body:
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    imported -= set(sys.stdlib_module_names) | {"__future__", "swin_unetr_kit"}
+    distributions = importlib.metadata.packages_distributions()
+    needed = {name for module in imported for name in distributions.get(module, [module])}
+    assert needed - {"monai", "torch", "numpy"} <= set(meta["required_packages_version"]), needed
+    assert meta["required_packages_version"]["matplotlib"].startswith("3.10.")
+    assert tuple(int(v) for v in meta["numpy_version"].split(".")[:2]) <= (2, 2)
 
 
 # the workflows each bundle's README runs, as MONAI's property check types them; train, inference and

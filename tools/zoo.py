@@ -36,7 +36,6 @@ Usage (from the repository root):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -50,6 +49,7 @@ from urllib.request import url2pathname
 import fire
 import yaml
 
+from swin_unetr_kit.record import file_hash
 from swin_unetr_kit.settings import flag
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,8 +63,7 @@ class ZooError(RuntimeError):
 
 
 def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_hash(path, "sha256")
 
 
 def _tracked(folder: Path) -> list[str]:
@@ -187,7 +186,7 @@ def install(
     MONAI's extraction (which refuses members that escape the folder) and fetch the files its ``large_files.yml``
     lists (MONAI checks their hashes; ``--large_files false`` leaves them, for machines without the internet, where
     the weights come another way). Returns the installed bundle's path."""
-    from monai.apps.utils import download_url, extractall
+    from monai.apps.utils import check_hash, download_url, extractall
     from monai.bundle import download_large_files
 
     key, entry = lookup(index, name, version)
@@ -197,9 +196,9 @@ def install(
             local.write_bytes(Path(url2pathname(urlparse(entry["source"]).path)).read_bytes())
         else:
             download_url(entry["source"], local, progress=False)
-        found = sha256(local)
-        if found != entry["checksum"]:
-            raise ZooError(f"{entry['source']}: checksum {found} does not match the index's {entry['checksum']}")
+        if not check_hash(str(local), entry["checksum"], "sha256"):
+            found, expected = sha256(local), entry["checksum"]
+            raise ZooError(f"{entry['source']}: checksum {found} does not match the index's {expected}")
         extractall(filepath=local, output_dir=bundle_dir, has_base=True)
     installed = Path(bundle_dir) / name
     if (installed / "large_files.yml").is_file():
