@@ -190,6 +190,8 @@ def install(
     from monai.bundle import download_large_files
 
     key, entry = lookup(index, name, version)
+    # download, check, extract as three calls: MONAI's download_and_extract cannot read the local zoo's file:// URLs
+    # (it probes the file type with requests)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / f"{key}.zip"
         if urlparse(entry["source"]).scheme == "file":
