@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import io
 import logging
 import os
 import tempfile
@@ -38,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
+from monai.networks.utils import convert_to_onnx
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -131,22 +131,20 @@ class _Autocast(nn.Module):
 
 
 def onnx_model(network: nn.Module, example: torch.Tensor) -> bytes:
-    """``network`` exported to ONNX, traced on ``example`` with the batch dimension dynamic (the TorchScript-based
-    exporter, as the bundles' ``onnx_export`` uses)."""
-    model = io.BytesIO()
+    """``network`` exported to ONNX by MONAI's ``convert_to_onnx``, traced on ``example`` with the batch dimension
+    dynamic (the TorchScript-based exporter, as the bundles' ``onnx_export`` uses)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shapes traced as constants: the window's
         warnings.filterwarnings("ignore", message=".*instance_norm.*")
-        torch.onnx.export(
+        model = convert_to_onnx(
             network.eval(),
-            (example,),
-            model,
+            [example],
             input_names=["image"],
             output_names=["pred"],
             dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}},
             dynamo=False,
         )
-    return model.getvalue()
+    return model.SerializeToString()
 
 
 class OnnxRuntimeNetwork:

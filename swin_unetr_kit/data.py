@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
+from monai.data import load_decathlon_datalist, partition_dataset
+from monai.data.utils import affine_to_spacing
 from monai.transforms import LoadImage, MapTransform, Spacingd
 
 logger = logging.getLogger(__name__)
@@ -116,38 +117,32 @@ def find_cases(dataset_dir: str | os.PathLike) -> dict[str, list[dict]]:
     raise DataError(f"{dataset_dir}: no datalist ({' or '.join(DATALIST_NAMES)}) and none of the layouts {layouts}")
 
 
-def seeded_order(cases: Sequence[dict], seed: int = 0) -> list[dict]:
-    """``cases`` sorted by image path, then shuffled with ``seed``: the same order on every machine, whatever order
-    the files were listed in. Every split of the collection draws from it."""
-    order = sorted(cases, key=lambda c: str(c["image"]))
-    random.Random(seed).shuffle(order)
-    return order
+def seeded_split(cases: Sequence[dict], first: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """The first ``first`` cases of ``cases``' seeded order, and the rest. The order is ``cases`` sorted by image path
+    (the same on every machine, whatever order the files were listed in), shuffled by MONAI's ``partition_dataset``
+    with ``seed``; every split of the collection draws from it, so smaller parts are subsets of larger ones."""
+    if not cases:
+        return [], []
+    ordered = sorted(cases, key=lambda c: str(c["image"]))
+    # ratios equal to the counts give exactly those counts (partition_dataset rounds each part's share)
+    head, rest = partition_dataset(ordered, ratios=[first, len(ordered) - first], shuffle=True, seed=seed)
+    return head, rest
 
 
 def split_cases(cases: Sequence[dict], val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[dict]]:
     """Seeded split of ``cases`` into ``training`` and ``validation`` (at least one of each when there are two)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    order = seeded_order(cases, seed)
-    n_val = round(len(order) * val_fraction)
-    if val_fraction > 0 and len(order) > 1:
-        n_val = min(max(n_val, 1), len(order) - 1)
-    return {"training": order[n_val:], "validation": order[:n_val]}
-
-
-def _resolve(entry: dict | str, base_dir: Path) -> dict:
-    entry = {"image": entry} if isinstance(entry, str) else dict(entry)
-    for key in ("image", "label"):
-        value = entry.get(key)
-        if isinstance(value, str) and not os.path.isabs(value):
-            entry[key] = str(base_dir / value)
-        elif isinstance(value, list):
-            entry[key] = [v if os.path.isabs(v) else str(base_dir / v) for v in value]
-    return entry
+    n_val = round(len(cases) * val_fraction)
+    if val_fraction > 0 and len(cases) > 1:
+        n_val = min(max(n_val, 1), len(cases) - 1)
+    validation, training = seeded_split(cases, n_val, seed)
+    return {"training": training, "validation": validation}
 
 
 def read_datalist_file(path: str | os.PathLike, base_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
-    """Read a decathlon-style datalist, resolving relative paths against ``base_dir`` (default: its folder)."""
+    """Read a decathlon-style datalist with MONAI's ``load_decathlon_datalist``, relative paths resolved against
+    ``base_dir`` (default: its folder); a missing or unreadable file is a :class:`DataError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: datalist not found")
@@ -156,10 +151,10 @@ def read_datalist_file(path: str | os.PathLike, base_dir: str | os.PathLike | No
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON datalist ({exc})") from exc
     base = Path(base_dir) if base_dir else path.parent
-    return {
-        key: [_resolve(e, base) for e in value]
-        for key, value in content.items()
-        if key in ("training", "validation", "test") and isinstance(value, list)
+    return {  # (MONAI's reader indexes a list's first entry, so an empty list is read here)
+        key: load_decathlon_datalist(path, True, key, base) if content[key] else []
+        for key in ("training", "validation", "test")
+        if isinstance(content.get(key), list)
     }
 
 
@@ -344,7 +339,7 @@ def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None,
     if stats["min"] == stats["max"]:
         raise DataError(f"{image}: every voxel is {stats['min']:g} (a constant image, nothing to segment)")
     ras_shape, ras_affine = _ras(shape, affine)  # extent and spacing per patient axis (x, y, z) for the domain check
-    spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(0)).round(4).tolist()
+    spacing = affine_to_spacing(ras_affine, r=3).round(4).tolist()
     stats = {**stats, "shape": list(ras_shape), "spacing": spacing}
     label = case.get("label")
     if label is None:

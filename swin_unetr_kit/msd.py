@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
+from monai.data import partition_dataset
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -29,7 +30,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type
 
-from swin_unetr_kit.data import DataError, build_datalist, check_cases, seeded_order
+from swin_unetr_kit.data import DataError, build_datalist, check_cases, seeded_split
 
 logger = logging.getLogger(__name__)
 
@@ -255,11 +256,11 @@ def kfold_split(cases: Sequence[dict], num_folds: int = 5, fold: int = 0, seed: 
         raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
     if len(cases) < num_folds:
         raise DataError(f"{len(cases)} labelled cases cannot make {num_folds} folds (set --num_folds)")
-    order = seeded_order(cases, seed)
-    return {
-        "training": [c for i, c in enumerate(order) if i % num_folds != fold],
-        "validation": [c for i, c in enumerate(order) if i % num_folds == fold],
-    }
+    # MONAI's partition_dataset deals the seeded order into the folds; CrossValidation wraps the same call around a
+    # Dataset class, where the bundles need the case lists themselves
+    ordered = sorted(cases, key=lambda c: str(c["image"]))
+    folds = partition_dataset(ordered, num_partitions=num_folds, shuffle=True, seed=seed, even_divisible=False)
+    return {"training": [c for i, part in enumerate(folds) if i != fold for c in part], "validation": folds[fold]}
 
 
 def run_name(fold: int = 0, num_folds: int = 5, label_fraction: float = 1.0, split_seed: int = 0) -> str:
@@ -290,8 +291,7 @@ def keep_fraction(cases: Sequence[dict], fraction: float, seed: int = 0) -> list
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {fraction}")
-    order = seeded_order(cases, seed)
-    return order[: max(1, round(len(order) * fraction))]
+    return seeded_split(cases, max(1, round(len(cases) * fraction)), seed)[0]
 
 
 def load_task_datalist(

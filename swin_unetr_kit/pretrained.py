@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMergingV2
+from monai.networks.utils import copy_model_state
 
 logger = logging.getLogger(__name__)
 
@@ -191,17 +192,17 @@ def load_encoder_weights(encoder: torch.nn.Module, ckpt_path: str, adapt_in_chan
             f"{ckpt_path}: none of its {len(found)} tensors match the SwinUNETR encoder "
             f"(first keys after normalisation: {sample})"
         )
-    encoder.load_state_dict(matched, strict=False)
-    missing = sorted(set(expected) - set(matched))
+    # MONAI's copy; the legacy renames and the shape and count checks above are ours (it skips mismatches silently)
+    _, loaded, missing = copy_model_state(encoder, matched)
     logger.info(
         "pretrained encoder: loaded %d of %d encoder tensors from %s (%d other tensors in the file ignored)",
-        len(matched),
+        len(loaded),
         len(expected),
         ckpt_path,
-        len(found) - len(matched),
+        len(found) - len(loaded),
     )
     if missing:
         logger.warning(
-            "pretrained encoder: %d encoder tensors keep their random init, e.g. %s", len(missing), missing[0]
+            "pretrained encoder: %d encoder tensors keep their random init, e.g. %s", len(missing), sorted(missing)[0]
         )
-    return len(matched)
+    return len(loaded)

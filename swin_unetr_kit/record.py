@@ -138,9 +138,14 @@ def _is_released_ssl_layout(checkpoint: object) -> bool:
     return bool(keys) and all(k.startswith("module.") for k in keys) and any(".mlp.fc1." in k for k in keys)
 
 
-def _md5(path: str) -> str:
+def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
+    """The hex digest of the file at ``path``, read in 1 MiB chunks. Ours because MONAI's ``check_hash`` only compares
+    with a given value, and ``hashlib.file_digest`` needs Python 3.11 (the model zoo's CI runs 3.10)."""
+    digest = hashlib.new(hash_type)
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+        for chunk in iter(lambda: f.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def checkpoint_order(path: str, known_weights: Mapping[str, str] | None = None) -> tuple[str, str]:
@@ -152,7 +157,7 @@ def checkpoint_order(path: str, known_weights: Mapping[str, str] | None = None) 
     if _is_released_ssl_layout(checkpoint):
         return LEGACY, "the released self-supervised layout (module. prefix, fc1/fc2 names), trained with MONAI < 1.5"
     if known_weights:
-        digest = _md5(path)
+        digest = file_hash(path, "md5")
         if digest in known_weights:
             return known_weights[digest], f"the released weights with md5 {digest} listed in the bundle's known_weights"
     return CURRENT, ""

@@ -52,6 +52,30 @@ def local_zoo(tmp_path_factory) -> Path:
     return root / "zoo"
 
 
+def test_a_bundle_carries_its_tracked_files_and_the_linked_kit(tmp_path):
+    """What the zip and a zoo pull request carry: tracked files, a link to a folder followed (each bundle's
+    ``swin_unetr_kit`` links to the one source), and none of a user's git-ignored run outputs."""
+    (tmp_path / "kit").mkdir()
+    (tmp_path / "kit" / "code.py").write_text("x = 1\n")
+    bundle = tmp_path / "bundles" / "b"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "configs" / "metadata.json").write_text("{}")
+    (bundle / "swin_unetr_kit").symlink_to(Path("..", "..", "kit"))
+    (tmp_path / ".gitignore").write_text("bundles/*/models/\n")
+    (bundle / "models").mkdir()
+    with open(bundle / "models" / "latest.pt", "wb") as f:  # a user's run output over 25 MB (sparse)
+        f.truncate(zoo.LARGE_FILE_BYTES + 1)
+    for cmd in (["init", "-q"], ["add", "."]):
+        subprocess.run(["git", *cmd], cwd=tmp_path, check=True)
+    assert zoo.bundle_files(bundle) == {
+        "configs/metadata.json": bundle / "configs" / "metadata.json",
+        "swin_unetr_kit/code.py": tmp_path / "kit" / "code.py",
+    }
+    for name in BUNDLES:  # the repository's bundles: their kit is the root's
+        assert (zoo.BUNDLES / name / "swin_unetr_kit").resolve() == zoo.REPO / "swin_unetr_kit"
+        assert "swin_unetr_kit/record.py" in zoo.bundle_files(zoo.BUNDLES / name)
+
+
 def test_zips_are_reproducible_and_indexed(local_zoo, tmp_path):
     index = json.loads((local_zoo / "model_info.json").read_text())
     versions = {
@@ -181,7 +205,7 @@ def test_bundles_name_the_released_weights_in_large_files_yml():
     btcv = listed.pop(("swin_unetr_btcv_seg", "models/model.pt"))
     assert btcv["url"].endswith("/model_swin_unetr_btcv_segmentation_v1.pt") and btcv["url"].startswith("https://")
     assert (btcv["hash_type"], len(btcv["hash_val"])) == ("md5", 32)
-    ssl = listed.pop(("swin_unetr_ssl_pretrain", "models/model_swinvit.pt"))
+    ssl = listed.pop(("swin_unetr_ssl_pretrain", "models/model.pt"))
     assert (
         ssl["url"] == "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/model_swinvit.pt"
     )
@@ -196,7 +220,7 @@ def test_install_without_the_internet_leaves_large_files_when_asked(local_zoo, t
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     installed = tmp_path / "swin_unetr_ssl_pretrain"
-    assert (installed / "large_files.yml").is_file() and not (installed / "models" / "model_swinvit.pt").exists()
+    assert (installed / "large_files.yml").is_file() and not (installed / "models" / "model.pt").exists()
     assert "not fetched (--large_files false)" in result.stdout
 
 

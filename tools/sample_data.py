@@ -17,7 +17,6 @@ Usage: python tools/sample_data.py [--out DIR]
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 import fire
 import nibabel as nib
 import numpy as np
+from monai.apps.utils import check_hash
 
 PACKAGE = "totalsegmentator"
 VERSION = "2.18.0"
@@ -61,23 +61,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SWIN_UNETR_CACHE", Path.home() / ".cache" / "swin_unetr_bundles"))
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def fetch_sdist(cache: Path | None = None) -> Path:
     """The verified source distribution, downloaded with ``pip download`` on first use."""
     cache = Path(cache or cache_dir())
     target = cache / f"{PACKAGE}-{VERSION}.tar.gz"
-    if target.is_file() and _sha256(target) == SDIST_SHA256:
+    if target.is_file() and check_hash(str(target), SDIST_SHA256, "sha256"):
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:"]
         subprocess.run([*cmd, f"{PACKAGE}=={VERSION}", "-d", tmp], check=True)
         downloaded = Path(tmp) / target.name
-        if _sha256(downloaded) != SDIST_SHA256:
+        if not check_hash(str(downloaded), SDIST_SHA256, "sha256"):
             raise RuntimeError(f"{downloaded}: sha256 differs from the pinned {SDIST_SHA256}; refusing to use it")
         os.replace(downloaded, target)
     return target

@@ -16,21 +16,26 @@ refuses archive members that escape the folder) but checks no checksum, and fetc
 ``python -m monai.bundle download_large_files --bundle_path <dir>/<name>``. ``install`` checks the index's checksum,
 extracts with MONAI's own extraction and then fetches the large files (MONAI checks their hashes).
 
-A zipped bundle is self-contained: the ``swin_unetr_kit`` package its configs import is copied in at packaging time as
-``<name>/swin_unetr_kit/`` (the repository keeps the one source), where the bundle's own code is looked for: MONAI
-Label puts the bundle folder on ``sys.path`` and ``python -m monai.bundle run`` started in the bundle folder has it
-there as the current folder. An environment with MONAI (and the bundle's listed packages) runs it without this
-repository installed.
+A bundle is self-contained: the ``swin_unetr_kit`` package its configs import is in its folder, where the bundle's own
+code is looked for (MONAI Label and the model zoo's ``ci/verify_bundle.py`` put the bundle folder on ``sys.path``;
+``python -m monai.bundle run`` started in the bundle folder has it as the current folder). In this repository each
+bundle's ``swin_unetr_kit`` is a symbolic link to the one source at the root, so the three bundles cannot drift apart
+and a change to the kit needs no copying; a zoo pull request and the zip carry the linked files themselves
+(``bundle_files`` follows the link), so an environment with MONAI (and the bundle's listed packages) runs them without
+this repository.
+
+``export`` writes the folders a model-zoo pull request adds (``models/<name>/`` of the zoo's repository): the same
+files as the zip, without weights.
 
 Usage (from the repository root):
     python tools/zoo.py package --out zoo/                          # every bundle, index in zoo/model_info.json
     python tools/zoo.py package --out zoo/ --weights "{'swin_unetr_btcv_seg': 'runs/btcv/models/model.pt'}"
     python tools/zoo.py install swin_unetr_btcv_seg --index zoo/model_info.json --bundle_dir models/
+    python tools/zoo.py export --out pr/models                      # the bundle folders of a model-zoo pull request
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -44,11 +49,11 @@ from urllib.request import url2pathname
 import fire
 import yaml
 
+from swin_unetr_kit.record import file_hash
 from swin_unetr_kit.settings import flag
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
-KIT = REPO / "swin_unetr_kit"  # the shared code every bundle imports; each zip carries a copy
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store
 LARGE_FILE_BYTES = 25 * 2**20  # the model zoo's limit for files inside a bundle
 
@@ -58,19 +63,42 @@ class ZooError(RuntimeError):
 
 
 def sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return file_hash(path, "sha256")
 
 
-def bundle_files(bundle: Path) -> list[Path]:
-    """A folder's files under version control, sorted (outputs such as a bundle's models/ and eval/ are not)."""
+def _tracked(folder: Path) -> list[str]:
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--", "."], cwd=bundle, capture_output=True, text=True, check=True
+        ["git", "ls-files", "-z", "--", "."], cwd=folder, capture_output=True, text=True, check=True
     ).stdout
-    files = sorted(bundle / name for name in listed.split("\0") if name)
+    return sorted(name for name in listed.split("\0") if name)
+
+
+def bundle_files(bundle: Path) -> dict[str, Path]:
+    """``{path inside the bundle: file}`` of what a zoo pull request and the zip carry: the folder's files under
+    version control (run outputs such as models/ and eval/ are not), with a link to a folder (the bundle's
+    ``swin_unetr_kit``) replaced by that folder's tracked files."""
+    files = {}
+    for name in _tracked(bundle):
+        path = bundle / name
+        if path.is_symlink() and path.is_dir():
+            files.update({f"{name}/{inner}": path.resolve() / inner for inner in _tracked(path.resolve())})
+        else:
+            files[name] = path
     if not files:
         raise ZooError(f"{bundle}: no tracked files to package")
-    return files
+    return dict(sorted(files.items()))
+
+
+def export(out: str = "pr/models") -> None:
+    """Write each bundle's folder as a model-zoo pull request adds it, ``<out>/<name>/`` (``--out`` the zoo
+    repository's ``models/``); nothing in ``<out>/<name>/`` that the bundle does not carry is kept."""
+    for bundle in sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file()):
+        target = Path(out) / bundle.name
+        shutil.rmtree(target, ignore_errors=True)
+        for name, path in bundle_files(bundle).items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target / name)
+        print(f"{target}")
 
 
 def _add(archive: zipfile.ZipFile, arcname: str, data: bytes) -> None:
@@ -85,16 +113,14 @@ def _url(path: Path, base_url: str | None) -> str:
 
 
 def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None, base_url: str | None = None) -> Path:
-    """Write ``<name>_v<version>.zip`` of ``bundle`` (with a copy of ``swin_unetr_kit``) into ``out_dir`` and return
-    its path. Weights over
-    ``LARGE_FILE_BYTES`` go beside the zip and are described in its ``large_files.yml`` (served from ``base_url``)."""
+    """Write ``<name>_v<version>.zip`` of ``bundle`` (its ``swin_unetr_kit`` included) into ``out_dir`` and return its
+    path. Weights over ``LARGE_FILE_BYTES`` go beside the zip and are described in its ``large_files.yml`` (served from
+    ``base_url``)."""
     metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
     name, version = bundle.name, metadata["version"]
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}_v{version}.zip"
-    contents = {f"{name}/{path.relative_to(bundle).as_posix()}": path.read_bytes() for path in bundle_files(bundle)}
-    for path in bundle_files(KIT):
-        contents[f"{name}/{KIT.name}/{path.relative_to(KIT).as_posix()}"] = path.read_bytes()
+    contents = {f"{name}/{inner}": path.read_bytes() for inner, path in bundle_files(bundle).items()}
     if weights:
         if not Path(weights).is_file():
             raise ZooError(f"{weights}: weights file not found")
@@ -160,19 +186,21 @@ def install(
     MONAI's extraction (which refuses members that escape the folder) and fetch the files its ``large_files.yml``
     lists (MONAI checks their hashes; ``--large_files false`` leaves them, for machines without the internet, where
     the weights come another way). Returns the installed bundle's path."""
-    from monai.apps.utils import download_url, extractall
+    from monai.apps.utils import check_hash, download_url, extractall
     from monai.bundle import download_large_files
 
     key, entry = lookup(index, name, version)
+    # download, check, extract as three calls: MONAI's download_and_extract cannot read the local zoo's file:// URLs
+    # (it probes the file type with requests)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / f"{key}.zip"
         if urlparse(entry["source"]).scheme == "file":
             local.write_bytes(Path(url2pathname(urlparse(entry["source"]).path)).read_bytes())
         else:
             download_url(entry["source"], local, progress=False)
-        found = sha256(local)
-        if found != entry["checksum"]:
-            raise ZooError(f"{entry['source']}: checksum {found} does not match the index's {entry['checksum']}")
+        if not check_hash(str(local), entry["checksum"], "sha256"):
+            found, expected = sha256(local), entry["checksum"]
+            raise ZooError(f"{entry['source']}: checksum {found} does not match the index's {expected}")
         extractall(filepath=local, output_dir=bundle_dir, has_base=True)
     installed = Path(bundle_dir) / name
     if (installed / "large_files.yml").is_file():
@@ -185,4 +213,4 @@ def install(
 
 
 if __name__ == "__main__":
-    fire.Fire({"package": package, "install": install})
+    fire.Fire({"package": package, "install": install, "export": export})
