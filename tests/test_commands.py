@@ -98,3 +98,11 @@ def test_ssl_commands(tmp_path):
     monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small)
     for name in ("model.pt", "latest.pt"):
         assert_recorded(folder / "models" / name)
+
+    # inference builds SSLPredictor (SSLHead with a one-tensor answer) and loads the SSLHead training recorded
+    inference = {"input": str(tmp_path / "ct" / "imagesTr" / "ct0.nii.gz"), "progress": False}
+    inference |= {k: small[k] for k in ("feature_size", "roi_size", "num_workers")}
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
+    assert "as its record says" in log
+    answer = json.loads((folder / "eval" / "inference" / "ct0_rotation.json").read_text())
+    assert answer["rotation_predicted_degrees"] in (0, 90, 180, 270)
