@@ -191,7 +191,7 @@ def test_the_zoo_full_check_with_each_msd_task_metadata(tmp_path):
     small = {"network_def#feature_size": 12}
     checkout = zoo_checkout(REPO / "bundles" / "swin_unetr_msd", tmp_path / "models", **small)
     for task in (t for t in json.loads(MSD_TASKS.read_text()) if not t.startswith("_")):
-        meta = task_metadata(task, checkout)
+        meta = task_metadata(task, checkout / "configs" / "tasks.json")
         (checkout / "configs" / "metadata.json").write_text(json.dumps(meta))
         # the task's channels through the network on a 64^3 patch (a fast stand-in for its ROI, which need only
         # divide by 32 as SwinUNETR's patch merging asks)
