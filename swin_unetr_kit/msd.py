@@ -52,6 +52,28 @@ class UnknownTaskError(ValueError):
     """A task name that is not in the task table; the message lists the known ones."""
 
 
+# where the MSD bundle's own files are, seen from this package: a zoo zip carries a copy of it in the bundle folder,
+# a checkout keeps the one source at the repository root
+_BUNDLE_FOLDERS = (
+    Path(__file__).resolve().parents[1],
+    Path(__file__).resolve().parents[1] / "bundles" / "swin_unetr_msd",
+)
+
+
+def default_tasks_file(bundle_root: str | os.PathLike) -> str:
+    """The task table a run reads unless ``--tasks_file`` names one: ``<bundle_root>/configs/tasks.json`` when
+    ``bundle_root`` is the bundle folder (the default, MONAI Label), else the table of the MSD bundle this package
+    ships with, so that ``--bundle_root runs/msd`` moves only the outputs, as it does for the other bundles."""
+    candidates = [
+        Path(bundle_root) / "configs" / "tasks.json",
+        *(b / "configs" / "tasks.json" for b in _BUNDLE_FOLDERS),
+    ]
+    found = next((path for path in candidates if path.is_file()), candidates[0])  # else read_task_table names it
+    if found != candidates[0]:
+        logger.info("task table: %s (none under --bundle_root %s)", found, bundle_root)
+    return str(found)
+
+
 def read_task_table(tasks_file: str | os.PathLike) -> dict[str, dict]:
     """The task table (task name -> settings) in ``tasks_file``, without its ``_comment`` entries."""
     path = Path(tasks_file)
@@ -170,12 +192,16 @@ def channel_def(settings: Mapping) -> dict[str, str]:
     return {str(i): settings["labels"][str(i)] for i in range(settings["num_labels"])}
 
 
-def task_metadata(task: str, bundle_root: str | os.PathLike) -> dict:
-    """The MSD bundle's metadata (``configs/metadata.json`` under ``bundle_root``, which describes its default task)
-    with its task-dependent fields (name, channels, classes, ROI) set for ``task``."""
-    configs = Path(bundle_root) / "configs"
-    settings = task_settings(task, configs / "tasks.json")
-    meta = json.loads((configs / "metadata.json").read_text())
+def task_metadata(task: str, tasks_file: str | os.PathLike, metadata: Mapping | None = None) -> dict:
+    """The MSD bundle's metadata (``metadata``, the run's ``@_meta_``, which describes the default task; when empty,
+    the ``metadata.json`` beside ``tasks_file``) with its task-dependent fields (name, channels, classes, ROI) set for
+    ``task`` from the table in ``tasks_file``."""
+    settings = task_settings(task, tasks_file)
+    meta = (
+        json.loads(json.dumps(metadata))
+        if metadata
+        else json.loads(Path(tasks_file).with_name("metadata.json").read_text())
+    )
     ct = settings["modality"] == "CT"
     labels = ", ".join(f"{k} {v}" for k, v in settings["labels"].items())
     outputs = channel_def(settings)
@@ -213,10 +239,12 @@ def task_metadata(task: str, bundle_root: str | os.PathLike) -> dict:
     return meta
 
 
-def save_task_metadata(task: str, bundle_root: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Write ``task``'s metadata to ``folder/metadata.json``, beside the model trained for it, so that the label names
-    and channels travel with the weights."""
-    metadata = task_metadata(task, bundle_root)  # first, so that an unknown task leaves no folder behind
+def save_task_metadata(
+    task: str, folder: str | os.PathLike, tasks_file: str | os.PathLike, metadata: Mapping | None = None
+) -> Path:
+    """Write ``task``'s metadata (:func:`task_metadata`) to ``folder/metadata.json``, beside the model trained for it,
+    so that the label names and channels travel with the weights."""
+    metadata = task_metadata(task, tasks_file, metadata)  # first, so that an unknown task leaves no folder behind
     path = Path(folder) / "metadata.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metadata, indent=4) + "\n")

@@ -88,13 +88,16 @@ class NetworkRecord:
 
 
 def check_record(network: torch.nn.Module, record: Mapping, source: str) -> None:
-    """Raise when ``network`` cannot hold the weights ``record`` describes (other settings); warn when it is built in
-    another patch-merging order (possible only when ``legacy_patch_merging`` was forced)."""
+    """Raise when ``network`` cannot hold the weights ``record`` describes (other settings; a recorded class that is
+    the network's own or one of its bases is the same network); warn when it is built in another patch-merging order
+    (possible only when ``legacy_patch_merging`` was forced)."""
     built = describe(network)
+    # a subclass that changes only what the network answers (SSLPredictor of SSLHead) holds its base's weights
+    lineage = {cls.__name__ for cls in type(_bare(network)).__mro__}
     differ = {
         k: (v, built["network"].get(k))
         for k, v in record.get("network", {}).items()
-        if k in built["network"] and built["network"][k] != v
+        if k in built["network"] and built["network"][k] != v and not (k == "class" and v in lineage)
     }
     if differ:
         shown = ", ".join(f"{k} {saved} (network: {now})" for k, (saved, now) in differ.items())

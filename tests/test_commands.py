@@ -98,3 +98,62 @@ def test_ssl_commands(tmp_path):
     monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small)
     for name in ("model.pt", "latest.pt"):
         assert_recorded(folder / "models" / name)
+
+    # inference builds SSLPredictor (SSLHead with a one-tensor answer) and loads the SSLHead training recorded
+    inference = {"input": str(tmp_path / "ct" / "imagesTr" / "ct0.nii.gz"), "progress": False}
+    inference |= {k: small[k] for k in ("feature_size", "roi_size", "num_workers")}
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
+    assert "as its record says" in log
+    answer = json.loads((folder / "eval" / "inference" / "ct0_rotation.json").read_text())
+    assert answer["rotation_predicted_degrees"] in (0, 90, 180, 270)
+
+
+def bundle_run(cwd: Path, *args: str, **overrides) -> str:
+    """``python -m monai.bundle run <args> --key value ...`` in ``cwd``, as typed (no --meta_file); its log."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
+    cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, f"{' '.join(args)}:\n{log[-4000:]}"
+    return log
+
+
+def test_msd_from_another_folder_with_bundle_root_elsewhere_and_its_own_task_table(tmp_path):
+    """The MSD bundle run as the BTCV and SSL bundles are in the repository README: from the repository root, with
+    ``--bundle_root runs/msd`` (outputs there, the task table still the bundle's); and ``--tasks_file`` read by every
+    step, the metadata written beside the model included."""
+    shutil.copytree(MSD_BUNDLE, tmp_path / "bundles" / MSD_BUNDLE.name)
+    configs = "bundles/swin_unetr_msd/configs/"
+    task = "Task09_Spleen"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, MSD_BUNDLE / "configs" / "tasks.json"), 3)
+    small = {k: v for k, v in SMALL.items() if k != "pixdim"} | {"dataset_dir": str(dataset), "num_folds": 3}
+    bundle_run(
+        tmp_path, "training", "--config_file", configs + "train.json", bundle_root="runs/msd", **small, **ONE_STEP
+    )
+    run = tmp_path / "runs" / "msd" / "models" / task / "fold0of3"
+    assert_recorded(run / "model.pt")
+    assert json.loads((run / "metadata.json").read_text())["name"] == f"Swin UNETR MSD {task}"
+    evaluate = f"['{configs}train.json','{configs}evaluate.json']"
+    bundle_run(tmp_path, "evaluating", "--config_file", evaluate, bundle_root="runs/msd", **small)
+    assert (tmp_path / "runs" / "msd" / "eval" / task / "fold0of3" / "metrics.json").is_file()
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    bundle_run(tmp_path, "evaluating", "--config_file", configs + "inference.json", bundle_root="runs/msd", **inference)
+    assert list((tmp_path / "runs" / "msd" / "predictions" / task / "fold0of3").rglob("*.nii.gz"))
+
+    # a task table of one's own (the spleen renamed) names the classes of the model and of the metadata beside it
+    table = json.loads((MSD_BUNDLE / "configs" / "tasks.json").read_text())
+    table[task]["labels"]["1"] = "milt"
+    (tmp_path / "my_tasks.json").write_text(json.dumps(table))
+    bundle_run(
+        tmp_path / "bundles" / MSD_BUNDLE.name,
+        "training",
+        "--config_file",
+        "configs/train.json",
+        tasks_file=str(tmp_path / "my_tasks.json"),
+        **small,
+        **ONE_STEP,
+    )
+    meta = json.loads(
+        (tmp_path / "bundles" / MSD_BUNDLE.name / "models" / task / "fold0of3" / "metadata.json").read_text()
+    )
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "milt"

@@ -381,7 +381,7 @@ def test_ssl_weights_into_a_ct_task_and_adapted_for_multichannel_mri(tmp_path):
 @pytest.mark.parametrize("task", TASKS)
 def test_metadata_of_every_task_is_valid(task):
     schema = json.loads(SCHEMA.read_text())
-    meta = task_metadata(task, MSD_BUNDLE)
+    meta = task_metadata(task, TASKS_FILE)
     jsonschema.validate(meta, schema)
     settings = task_settings(task, TASKS_FILE)
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == settings["in_channels"]
@@ -427,7 +427,7 @@ def test_check_properties(names, workflow_type, tmp_path):
 @pytest.mark.parametrize("task", ["Task09_Spleen", "Task01_BrainTumour"])
 def test_verify_net_in_out_with_the_task_metadata(task, tmp_path):
     meta_file = tmp_path / "metadata.json"
-    meta_file.write_text(json.dumps(task_metadata(task, MSD_BUNDLE)))
+    meta_file.write_text(json.dumps(task_metadata(task, TASKS_FILE)))
     verify_net_in_out(
         net_id="network_def",
         meta_file=str(meta_file),

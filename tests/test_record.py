@@ -206,6 +206,16 @@ def test_a_checkpoint_of_other_settings_is_an_error_naming_them(tmp_path):
         inference_network(tmp_path / "model.pt")
 
 
+def test_a_subclass_holds_the_weights_of_its_recorded_base_and_nothing_else():
+    from swin_unetr_kit.record import check_record
+    from swin_unetr_kit.ssl import SSLHead, SSLPredictor
+
+    head = describe(SSLHead(feature_size=12))
+    check_record(SSLPredictor(feature_size=12), head, "model.pt")  # inference's network, training's record
+    with pytest.raises(RecordError, match=r"class SSLHead \(network: SwinUNETR\)"):
+        check_record(SwinUNETR(in_channels=1, out_channels=14, feature_size=12), head, "model.pt")
+
+
 def test_the_override_as_the_command_line_passes_it(tmp_path):
     source = trained("legacy")
     torch.save(recorded(source), tmp_path / "model.pt")

@@ -290,7 +290,7 @@ def test_each_msd_task_metadata_passes_the_zoo_data_shape_check(tmp_path):
     checkout = tmp_path / "models" / "swin_unetr_msd"
     small = {"network_def#feature_size": 12, "_meta_#network_data_format#inputs#image#spatial_shape": [64, 64, 64]}
     for task in (t for t in json.loads(MSD_TASKS.read_text()) if not t.startswith("_")):
-        meta = task_metadata(task, checkout)
+        meta = task_metadata(task, checkout / "configs" / "tasks.json")
         (checkout / "configs" / "metadata.json").write_text(json.dumps(meta))
         # the task's channels through the network on a 64^3 patch (a fast stand-in for its ROI, which need only
         # divide by 32 as SwinUNETR's patch merging asks)

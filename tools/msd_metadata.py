@@ -22,7 +22,7 @@ BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "swin_unetr_msd"
 
 
 def main(task: str, out: str | None = None, bundle_root: str = str(BUNDLE)) -> None:
-    text = json.dumps(task_metadata(task, bundle_root), indent=4) + "\n"
+    text = json.dumps(task_metadata(task, Path(bundle_root) / "configs" / "tasks.json"), indent=4) + "\n"
     if out:
         Path(out).write_text(text)
         print(f"metadata for {task} written to {out}")
