@@ -3,7 +3,7 @@
 Bundles reach them from their configs as ``swin_unetr_kit.<module>.<name>``.
 """
 
-from swin_unetr_kit import checkpoint, cpu_inference, data, metrics, msd, pretrained, record, runtime, settings
+from swin_unetr_kit import checkpoint, cpu_inference, data, metrics, msd, pretrained, record, runtime, settings, tracking
 
 __all__ = [
     "checkpoint",
@@ -15,4 +15,5 @@ __all__ = [
     "record",
     "runtime",
     "settings",
+    "tracking",
 ]

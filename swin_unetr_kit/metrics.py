@@ -17,6 +17,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.metrics import HausdorffDistanceMetric
 from monai.transforms import LoadImage, MapTransform
@@ -127,3 +128,43 @@ def write_organ_report(eval_dir: str, metric_names: Sequence[str], class_names: 
             ),
         )
     return report
+
+
+class OrganMetrics:
+    """Per-organ means of an evaluator's metrics, as ``<metric>/<organ>`` in ``engine.state.metrics``, where the
+    stats, TensorBoard and MLflow handlers that follow it in the handler list log them; and, with ``report_dir``, the
+    organ report of :func:`write_organ_report` when the evaluator completes (before MLflow keeps it as an artifact).
+
+    The means are over the cases where the organ is present (the metric's details, ``save_details=True``); an organ
+    absent from every case is left out.
+
+    Args:
+        metric_names: the evaluator's metrics to break down.
+        class_names: the names of the scored channels, in order.
+        report_dir: MetricsSaver's folder, whose CSVs get the organ names and ``metrics.json``; None: no report.
+    """
+
+    def __init__(self, metric_names: Sequence[str], class_names: Sequence[str], report_dir: str | None = None) -> None:
+        self.metric_names = list(metric_names)
+        self.class_names = list(class_names)
+        self.report_dir = report_dir
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.per_organ)
+        if self.report_dir is not None:
+            engine.add_event_handler(Events.COMPLETED, self.report)
+
+    def per_organ(self, engine: Engine) -> None:
+        details = getattr(engine.state, "metric_details", None) or {}
+        for metric in self.metric_names:
+            if metric not in details:
+                continue
+            values = torch.as_tensor(details[metric]).double()
+            values = values.reshape(-1, values.shape[-1])  # [cases, channels]
+            for index, mean in enumerate(values.nanmean(0).tolist()):
+                if not math.isnan(mean):
+                    name = self.class_names[index] if index < len(self.class_names) else f"class{index}"
+                    engine.state.metrics[f"{metric}/{name}"] = mean
+
+    def report(self, engine: Engine) -> None:
+        write_organ_report(str(self.report_dir), self.metric_names, self.class_names)
