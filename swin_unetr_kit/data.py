@@ -500,7 +500,10 @@ def inference_inputs(
         DataError: nothing to predict, or inputs that cannot be read, hold NaN/Inf, are constant or have the wrong
             channel count (all of them in one message).
     """
-    paths = _input_paths(Path(inputs)) if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if isinstance(inputs, (str, os.PathLike)):
+        paths = _input_paths(Path(inputs))
+    else:  # paths, or lists of channel files
+        paths = [p if isinstance(p, (list, tuple)) else str(p) for p in inputs]
     if in_channels > 1:
         paths = group_channel_files(paths)
     if not paths:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -26,13 +27,13 @@ TORSO_ORGANS = {"spleen": 1, "liver": 6, "right kidney": 2}
 TINY = {k: v for k, v in SMALL.items() if k != "pixdim"}  # the plan's own spacing is kept
 
 
-def bundle_run(run_id: str, configs: list[str], **overrides) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run <run_id>`` from the MSD bundle folder, as the README shows it."""
+def bundle_run(run_id: str, configs: list[str], cwd: Path = MSD_BUNDLE, **overrides) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run <run_id>`` from the MSD bundle folder (or a copy of it), as the README shows it."""
     files = configs[0] if len(configs) == 1 else json.dumps(configs)
     args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, cwd=MSD_BUNDLE, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
@@ -176,107 +177,143 @@ def ssl_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_own_ct_data_nnunet_layout_plans_trains_evaluates_and_infers(tmp_path, sample_dataset, ssl_checkpoint):
+    """The README's three commands, from a copy of the bundle folder (outputs in their default places)."""
     task = "Dataset042_Torso"
     dataset = write_torso_nnunet(tmp_path / task, sample_dataset)
-    common = {**TINY, "task": task, "dataset_dir": str(dataset), "bundle_root": str(MSD_BUNDLE)}
-    runs = tmp_path / "runs"
-    folders = {
-        "plan_file": str(runs / "plan.json"),
-        "ckpt_dir": str(runs / "fold0"),
-        "served_model": str(runs / "model.pt"),
-    }
+    bundle = Path(shutil.copytree(MSD_BUNDLE, tmp_path / "swin_unetr_msd"))
+    # the plan's spacing (3 mm) overridden by 6 mm to keep the run short: every entry stays an override
+    common = {**TINY, "task": task, "dataset_dir": str(dataset), "num_folds": 3, "pixdim": [6.0] * 3}
     log = ok(
         bundle_run(
             "training",
             ["configs/train.json"],
+            cwd=bundle,
             **common,
-            **folders,
-            output_dir=str(runs / "eval"),
-            num_folds=3,
             pretrained_ckpt=str(ssl_checkpoint),
             **{"train#trainer#max_epochs": 1, "val_interval": 1},
         )
     )
     assert "plan for Dataset042_Torso" in log and "fingerprint of 3 cases" in log
     assert "loaded 126 of 126 encoder tensors" in log  # CT: from the SSL encoder
+    runs = bundle / "models" / task
     plan = json.loads((runs / "plan.json").read_text())[task]
     assert plan["intensity"]["window"][0] < 0 < plan["intensity"]["window"][1] and plan["ssl_init"]
-    assert plan["spacing"] == [3.0, 3.0, 3.0] and plan["in_channels"] == 1
-    meta = json.loads((runs / "fold0" / "metadata.json").read_text())
+    assert plan["spacing"] == [3.0, 3.0, 3.0] and plan["in_channels"] == 1 and plan["crop_ratios"] == [1, 1, 1, 1]
+    meta = json.loads((runs / "fold0of3" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"] == {
         "0": "background",
         "1": "spleen",
         "2": "liver",
         "3": "right kidney",
     }
-    assert json.loads((runs / "fold0" / "plan.json").read_text())[task] == plan  # the plan travels with the model
+    assert json.loads((runs / "fold0of3" / "plan.json").read_text())[task] == plan  # travels with the model
     planned = (runs / "plan.json").stat().st_mtime_ns
 
-    log = ok(
-        bundle_run(
-            "evaluating",
-            ["configs/train.json", "configs/evaluate.json"],
-            **common,
-            **folders,
-            output_dir=str(runs / "eval"),
-            num_folds=3,
-        )
-    )
+    log = ok(bundle_run("evaluating", ["configs/train.json", "configs/evaluate.json"], cwd=bundle, **common))
     assert "fingerprint of" not in log and "reusing the plan" in log
-    report = json.loads((runs / "eval" / "metrics.json").read_text())
+    report = json.loads((bundle / "eval" / task / "fold0of3" / "metrics.json").read_text())
     assert set(report["summary"]["dice"]) == {"spleen", "liver", "right kidney", "mean"}
 
+    inference = {k: v for k, v in common.items() if k not in ("num_samples", "cache_rate", "dataset_dir")}
     log = ok(
-        bundle_run(
-            "evaluating",
-            ["configs/inference.json"],
-            **{k: v for k, v in common.items() if k not in ("num_samples", "cache_rate")},
-            plan_file=folders["plan_file"],
-            ckpt_path=str(runs / "fold0" / "model.pt"),
-            output_dir=str(runs / "predictions"),
-        )
+        bundle_run("evaluating", ["configs/inference.json"], cwd=bundle, **inference, input=str(dataset / "imagesTs"))
     )
     assert "fingerprint of" not in log and (runs / "plan.json").stat().st_mtime_ns == planned
-    (prediction,) = (runs / "predictions").iterdir()
-    test_image = nib.load(dataset / "imagesTs" / "torso_003_0000.nii.gz")
-    assert nib.load(prediction).shape == test_image.shape
+    (prediction,) = (bundle / "predictions" / task / "fold0of3").iterdir()
+    assert nib.load(prediction).shape == nib.load(dataset / "imagesTs" / "torso_003_0000.nii.gz").shape
     assert set(np.unique(np.asarray(nib.load(prediction).dataobj)).tolist()) <= {0, 1, 2, 3}
 
 
 def test_own_two_channel_mri_nnunet_layout_trains_and_infers(tmp_path):
     task = "Dataset043_TwoChannel"
     dataset = write_mri_nnunet(tmp_path / task)
-    common = {**TINY, "task": task, "dataset_dir": str(dataset), "bundle_root": str(tmp_path / "bundle")}
-    # the bundle's own configs, outputs under the temporary bundle_root
-    (tmp_path / "bundle" / "configs").mkdir(parents=True)
-    (tmp_path / "bundle" / "configs" / "tasks.json").write_text((MSD_BUNDLE / "configs" / "tasks.json").read_text())
+    runs = tmp_path / "runs"
+    common = {**TINY, "task": task, "bundle_root": str(MSD_BUNDLE), "plan_file": str(runs / "plan.json")}
     log = ok(
         bundle_run(
             "training",
             ["configs/train.json"],
             **common,
+            dataset_dir=str(dataset),
+            ckpt_dir=str(runs / "fold0"),
+            served_model=str(runs / "model.pt"),
+            output_dir=str(runs / "eval"),
             num_folds=2,
-            pretrained_ckpt=None,
+            pixdim=[2.4, 2.4, 4.0],
             **{"train#trainer#max_epochs": 1, "val_interval": 1},
         )
     )
-    runs = tmp_path / "bundle" / "models" / task
     plan = json.loads((runs / "plan.json").read_text())[task]
     assert (plan["in_channels"], plan["channels"], plan["modality"]) == (2, ["T2", "ADC"], "MRI")
-    assert plan["intensity"] == {"zscore": "nonzero"} and not plan["ssl_init"]
+    assert plan["intensity"] == {"zscore": "nonzero"} and not plan["ssl_init"] and plan["spacing"] == [1.2, 1.2, 2.0]
     # the odd case named: flipped, and 5 mm slices among 2 mm ones
     assert "orientation unlike most cases (RAS" in log and "prostate_003_0000.nii.gz (LAS)" in log
     assert "spacing far from the median" in log and "prostate_003_0000.nii.gz (1.2 x 1.2 x 5 mm)" in log
-    assert (runs / "fold0of2" / "model.pt").is_file()
+    assert (runs / "fold0" / "model.pt").is_file()
 
-    log = ok(
+    ok(
         bundle_run(
             "evaluating",
             ["configs/inference.json"],
-            **{k: v for k, v in common.items() if k not in ("num_samples", "cache_rate", "dataset_dir")},
+            **{k: v for k, v in common.items() if k not in ("num_samples", "cache_rate")},
             input=str(dataset / "imagesTs"),
-            num_folds=2,
+            ckpt_path=str(runs / "fold0" / "model.pt"),
+            output_dir=str(runs / "predictions"),
+            pixdim=[2.4, 2.4, 4.0],
         )
     )
-    (prediction,) = (tmp_path / "bundle" / "predictions" / task / "fold0of2").iterdir()
+    (prediction,) = (runs / "predictions").iterdir()
     assert nib.load(prediction).shape == (40, 44, 36)
+
+
+def _undeclared_label(root: Path) -> str:
+    path = root / "labelsTr" / "prostate_001.nii.gz"
+    label = nib.load(path)
+    voxels = np.asarray(label.dataobj).copy()
+    voxels[0, 0, 0] = 5
+    save(path, voxels, label.affine)
+    return f"{path}: label values [5] are not declared in {root / 'dataset.json'}"
+
+
+def _two_dimensional(root: Path) -> str:
+    for path in [*root.glob("imagesTr/prostate_000_*.nii.gz"), root / "labelsTr" / "prostate_000.nii.gz"]:
+        volume = nib.load(path)
+        save(path, np.asarray(volume.dataobj)[:, :, 18:19], volume.affine)
+    return f"{root / 'imagesTr' / 'prostate_000_0000.nii.gz'}: a 2D image (shape (40, 44, 1))"
+
+
+BAD_INPUTS = {
+    "dataset_json_missing": lambda root: (root / "dataset.json").unlink() or f"{root / 'dataset.json'}: not found",
+    "dataset_json_invalid": lambda root: (
+        (root / "dataset.json").write_text('{"labels": ') and f"{root / 'dataset.json'}: not a readable dataset.json"
+    ),
+    "dataset_json_without_labels": lambda root: (
+        (root / "dataset.json").write_text('{"channel_names": {"0": "T2"}}') and f"{root / 'dataset.json'}: no 'labels'"
+    ),
+    "undeclared_label_values": _undeclared_label,
+    "channel_file_missing": lambda root: (
+        (root / "imagesTr" / "prostate_001_0001.nii.gz").unlink()
+        or f"{root / 'imagesTr' / 'prostate_001_0001.nii.gz'}: missing (case prostate_001; dataset.json declares 2"
+    ),
+    "two_dimensional_images": _two_dimensional,
+    "fewer_cases_than_folds": lambda root: f"{root / 'dataset.json'}: 4 labelled cases cannot make 5 folds",
+}
+
+
+@pytest.mark.parametrize("problem", BAD_INPUTS)
+def test_bad_own_data_is_a_clear_error_naming_the_file(problem, tmp_path):
+    dataset = write_mri_nnunet(tmp_path / "Dataset044_Bad")
+    expected = BAD_INPUTS[problem](dataset)
+    result = bundle_run(
+        "training",
+        ["configs/train.json"],
+        **TINY,
+        task="Dataset044_Bad",
+        dataset_dir=str(dataset),
+        bundle_root=str(tmp_path / "bundle"),
+        tasks_file=str(MSD_BUNDLE / "configs" / "tasks.json"),
+        num_folds=5 if problem == "fewer_cases_than_folds" else 2,
+    )
+    assert result.returncode != 0
+    assert expected in result.stdout + result.stderr
+    assert not (tmp_path / "bundle" / "models" / "Dataset044_Bad" / "plan.json").exists()
