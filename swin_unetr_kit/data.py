@@ -11,6 +11,8 @@ Layouts read by :func:`load_datalist` (first match wins):
    (and ``RawData/Testing/img``).
 
 Lists without a ``validation`` part get a seeded split of ``training`` (:func:`split_cases`).
+An image may be one file (several channels as a 4D NIfTI) or a list of one file per channel (nnU-Net's raw layout,
+``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``: :func:`group_channel_files` groups them for inference).
 
 :func:`check_cases` reads every voxel of every file once (:func:`scan_volume`, cached by file size and modification
 time) and reports all unusable cases in one error; it also compares each image with the bundle's expected domain

@@ -256,7 +256,7 @@ def test_own_two_channel_mri_nnunet_layout_trains_and_infers(tmp_path):
             "evaluating",
             ["configs/inference.json"],
             **{k: v for k, v in common.items() if k not in ("num_samples", "cache_rate")},
-            input=str(dataset / "imagesTs"),
+            dataset_dir=str(dataset),  # the default input: its imagesTs/, two channel files a case
             ckpt_path=str(runs / "fold0" / "model.pt"),
             output_dir=str(runs / "predictions"),
             pixdim=[2.4, 2.4, 4.0],
