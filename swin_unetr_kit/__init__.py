@@ -3,7 +3,19 @@
 Bundles reach them from their configs as ``swin_unetr_kit.<module>.<name>``.
 """
 
-from swin_unetr_kit import checkpoint, cpu_inference, data, metrics, msd, pretrained, record, runtime, settings, tracking
+from swin_unetr_kit import (
+    checkpoint,
+    cpu_inference,
+    data,
+    metrics,
+    msd,
+    plan,
+    pretrained,
+    record,
+    runtime,
+    settings,
+    tracking,
+)
 
 __all__ = [
     "checkpoint",
@@ -11,6 +23,7 @@ __all__ = [
     "data",
     "metrics",
     "msd",
+    "plan",
     "pretrained",
     "record",
     "runtime",

@@ -11,6 +11,8 @@ Layouts read by :func:`load_datalist` (first match wins):
    (and ``RawData/Testing/img``).
 
 Lists without a ``validation`` part get a seeded split of ``training`` (:func:`split_cases`).
+An image may be one file (several channels as a 4D NIfTI) or a list of one file per channel (nnU-Net's raw layout,
+``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``: :func:`group_channel_files` groups them for inference).
 
 :func:`check_cases` reads every voxel of every file once (:func:`scan_volume`, cached by file size and modification
 time) and reports all unusable cases in one error; it also compares each image with the bundle's expected domain
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +46,8 @@ FOLDER_LAYOUTS = (
     ("RawData/Training/img", "RawData/Training/label", "RawData/Testing/img"),
     ("Training/img", "Training/label", "Testing/img"),
 )
+# nnU-Net's raw layout: one file per channel, <case>_<4-digit channel>.nii.gz
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # affines of an image and its label may differ by float rounding, not by geometry (mm / direction cosines)
 AFFINE_TOLERANCE = 1e-3
 _WARNED: set[str] = set()  # domain warnings already logged by this process
@@ -304,6 +309,19 @@ def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> d
     except Exception as exc:
         problem = f"{type(exc).__name__}: {exc}"
         raise DataError(f"{path}: cannot be read to the end, truncated or corrupt ({problem})") from exc
+    return remember_scan(path, voxels, values=values, cache=cache, slope=slope, inter=inter)
+
+
+def remember_scan(
+    path: str,
+    voxels: np.ndarray,
+    values: bool = False,
+    cache: dict | None = None,
+    slope: float = 1.0,
+    inter: float = 0.0,
+) -> dict:
+    """The :func:`scan_volume` statistics of ``voxels`` already read from ``path`` (by another reader, such as the
+    data set fingerprint), stored under ``path``'s cache key so that the checks do not read the file again."""
     finite_voxels = np.isfinite(voxels) if np.issubdtype(voxels.dtype, np.floating) else None
     finite = finite_voxels is None or bool(finite_voxels.all())
     usable = voxels if finite else voxels[finite_voxels]
@@ -313,6 +331,7 @@ def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> d
     if values:
         distinct = np.unique(usable)
         stats["values"] = (distinct if (slope, inter) == (1.0, 0.0) else distinct * slope + inter).tolist()[:1000]
+    key = _file_signature(path) + ("|values" if values else "")
     if cache is None:
         _write_cache({key: stats})
     else:
@@ -320,41 +339,71 @@ def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> d
     return stats
 
 
-def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None, cache: dict | None = None) -> dict:
-    """Check that a case's files exist and can be read to the last voxel, that the image has ``in_channels`` channels,
-    holds no NaN/Inf and is not constant, and that the label has the image's geometry and values in
-    ``0 .. num_classes - 1``. Returns the image's :func:`scan_volume` statistics, with its ``shape`` and ``spacing``
-    in patient axis order (x, y, z).
+def channel_files(image: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The files of an image: one (3D, or 4D with the channels last), or one per channel (nnU-Net's raw layout)."""
+    return [str(image)] if isinstance(image, (str, os.PathLike)) else [str(f) for f in image]
+
+
+def image_header(image: str | os.PathLike | Sequence[str]) -> tuple[tuple[int, ...], np.ndarray, int]:
+    """Spatial shape, affine and channel count of an image given as one file or one file per channel; the channel
+    files must share one grid."""
+    files = channel_files(image)
+    shape, affine, channels = _header(files[0])
+    for other in files[1:]:
+        other_shape, other_affine, other_channels = _header(other)
+        (ras_shape, ras_affine), (o_shape, o_affine) = _ras(shape, affine), _ras(other_shape, other_affine)
+        if o_shape != ras_shape or not np.allclose(o_affine, ras_affine, atol=AFFINE_TOLERANCE):
+            raise DataError(f"{other}: channel file geometry differs from {files[0]}'s (shape {other_shape}, {shape})")
+        channels += other_channels
+    return shape, affine, channels
+
+
+def check_case(
+    case: dict, in_channels: int = 1, num_classes: int | None = None, cache: dict | None = None, scan: bool = True
+) -> dict:
+    """Check that a case's files exist and can be read to the last voxel, that the image (one file, or one file per
+    channel) has ``in_channels`` channels, holds no NaN/Inf and is not constant, and that the label has the image's
+    geometry and values in ``0 .. num_classes - 1``. Returns the image's :func:`scan_volume` statistics, with its
+    ``shape`` and ``spacing`` in patient axis order (x, y, z). ``scan`` false checks the headers only.
 
     Raises:
         DataError: naming the file and the problem.
     """
-    image = case["image"]
-    shape, affine, channels = _header(image)
+    files = channel_files(case["image"])
+    shape, affine, channels = image_header(files)
+    image = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} channel files)"
     if channels != in_channels:
         raise DataError(f"{image}: has {channels} channels, the network expects {in_channels}")
-    stats = scan_volume(image, cache=cache)
+    label = case.get("label")
+    if label is not None:
+        label_shape, label_affine, label_channels = _header(label)
+        if label_channels != 1:
+            raise DataError(f"{label}: a label map must have one channel, found {label_channels}")
+        (image_shape, image_affine), (label_shape, label_affine) = _ras(shape, affine), _ras(label_shape, label_affine)
+        if label_shape != image_shape:
+            raise DataError(f"{label}: label shape {label_shape} differs from image shape {image_shape} ({image})")
+        if not np.allclose(label_affine, image_affine, atol=AFFINE_TOLERANCE):
+            raise DataError(
+                f"{label}: label geometry (origin, spacing or direction) differs from the image's ({image}); "
+                "resample the label onto the image"
+            )
+    ras_shape, ras_affine = _ras(shape, affine)  # extent and spacing per patient axis (x, y, z) for the domain check
+    spacing = affine_to_spacing(ras_affine, r=3).round(4).tolist()
+    if not scan:
+        return {"shape": list(ras_shape), "spacing": spacing}
+    scans = [scan_volume(f, cache=cache) for f in files]
+    stats = {
+        "min": min(s["min"] for s in scans),
+        "max": max(s["max"] for s in scans),
+        "finite": all(s["finite"] for s in scans),
+    }
     if not stats["finite"]:
         raise DataError(f"{image}: contains NaN or infinite values")
     if stats["min"] == stats["max"]:
         raise DataError(f"{image}: every voxel is {stats['min']:g} (a constant image, nothing to segment)")
-    ras_shape, ras_affine = _ras(shape, affine)  # extent and spacing per patient axis (x, y, z) for the domain check
-    spacing = affine_to_spacing(ras_affine, r=3).round(4).tolist()
     stats = {**stats, "shape": list(ras_shape), "spacing": spacing}
-    label = case.get("label")
     if label is None:
         return stats
-    label_shape, label_affine, label_channels = _header(label)
-    if label_channels != 1:
-        raise DataError(f"{label}: a label map must have one channel, found {label_channels}")
-    (image_shape, image_affine), (label_shape, label_affine) = _ras(shape, affine), _ras(label_shape, label_affine)
-    if label_shape != image_shape:
-        raise DataError(f"{label}: label shape {label_shape} differs from image shape {image_shape} ({image})")
-    if not np.allclose(label_affine, image_affine, atol=AFFINE_TOLERANCE):
-        raise DataError(
-            f"{label}: label geometry (origin, spacing or direction) differs from the image's ({image}); "
-            "resample the label onto the image"
-        )
     label_stats = scan_volume(label, values=True, cache=cache)
     if not label_stats["finite"]:
         raise DataError(f"{label}: contains NaN or infinite values")
@@ -448,7 +497,12 @@ def inference_inputs(
         DataError: nothing to predict, or inputs that cannot be read, hold NaN/Inf, are constant or have the wrong
             channel count (all of them in one message).
     """
-    paths = _input_paths(Path(inputs)) if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
+    if isinstance(inputs, (str, os.PathLike)):
+        paths = _input_paths(Path(inputs))
+    else:  # paths, or lists of channel files
+        paths = [p if isinstance(p, (list, tuple)) else str(p) for p in inputs]
+    if in_channels > 1:
+        paths = group_channel_files(paths)
     if not paths:
         raise DataError(f"{inputs}: no images or DICOM series to predict")
     cases = [{"image": p} for p in paths]
@@ -463,12 +517,24 @@ def _input_paths(path: Path) -> list[str]:
     if not path.is_dir() or _is_dicom_series(path):
         return [str(path)]
     datalist = next((path / n for n in DATALIST_NAMES if (path / n).is_file()), None)
-    if datalist is not None:  # a data set folder: predict its test cases
-        return [e["image"] for e in read_datalist_file(datalist).get("test", [])]
+    tests = read_datalist_file(datalist).get("test") if datalist is not None else None
+    if tests:  # a data set folder: predict its test cases (nnU-Net's dataset.json lists none: its imagesTs below)
+        return [e["image"] for e in tests]
     for _, _, test_dir in FOLDER_LAYOUTS:
         if (path / test_dir).is_dir():
             return list_images(path / test_dir)
     return [p for p in list_images(path) if not Path(p).is_dir() or _is_dicom_series(Path(p))]
+
+
+def group_channel_files(paths: Sequence[str | Sequence[str]]) -> list[str | list[str]]:
+    """Group the files nnU-Net's raw layout stores one per channel (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``)
+    into one image per case, channels in order; other paths pass unchanged."""
+    groups: dict[str, list] = {}
+    for path in paths:
+        match = None if not isinstance(path, str) or Path(path).is_dir() else _CHANNEL_FILE.match(case_id(path))
+        key = str(Path(path).parent / match["case"]) if match else str(path)
+        groups.setdefault(key, []).append(path)
+    return [sorted(group) if len(group) > 1 else group[0] for group in groups.values()]
 
 
 def _is_dicom_series(folder: Path) -> bool:

@@ -93,11 +93,17 @@ def task_settings(task: str, tasks_file: str | os.PathLike) -> dict:
     table = read_task_table(tasks_file)
     if task not in table:
         raise UnknownTaskError(f"unknown MSD task '{task}'; choose one of: {', '.join(table)}")
-    settings = dict(table[task], task=task)
+    return entry_settings(task, table[task], tasks_file)
+
+
+def entry_settings(task: str, entry: Mapping, source: str | os.PathLike) -> dict:
+    """The settings of a task-table ``entry`` (from the table, or a plan made from a data set, ``source``) with the
+    derived ``recipe``, ``domain``, ``num_labels``, ``out_channels``, ``sigmoid`` and ``class_names``."""
+    settings = dict(entry, task=task)
     settings["recipe"] = {**BTCV_RECIPE, **settings.get("recipe", {})}
     labels = settings["labels"]
     if sorted(int(k) for k in labels) != list(range(len(labels))):
-        raise ValueError(f"{tasks_file}: {task} labels must be numbered 0..{len(labels) - 1}, found {list(labels)}")
+        raise ValueError(f"{source}: {task} labels must be numbered 0..{len(labels) - 1}, found {list(labels)}")
     regions = settings.get("regions")
     settings["domain"] = {**settings.get("domain", {}), "intensity": settings["modality"]}
     settings["num_labels"] = len(labels)
@@ -192,11 +198,14 @@ def channel_def(settings: Mapping) -> dict[str, str]:
     return {str(i): settings["labels"][str(i)] for i in range(settings["num_labels"])}
 
 
-def task_metadata(task: str, tasks_file: str | os.PathLike, metadata: Mapping | None = None) -> dict:
+def task_metadata(
+    task: str, tasks_file: str | os.PathLike, metadata: Mapping | None = None, settings: Mapping | None = None
+) -> dict:
     """The MSD bundle's metadata (``metadata``, the run's ``@_meta_``, which describes the default task; when empty,
     the ``metadata.json`` beside ``tasks_file``) with its task-dependent fields (name, channels, classes, ROI) set for
-    ``task`` from the table in ``tasks_file``."""
-    settings = task_settings(task, tasks_file)
+    ``task`` (its ``settings`` when given: a task planned from a data set of one's own is in no table; else the table
+    in ``tasks_file``)."""
+    settings = settings or task_settings(task, tasks_file)
     meta = (
         json.loads(json.dumps(metadata))
         if metadata
@@ -210,12 +219,13 @@ def task_metadata(task: str, tasks_file: str | os.PathLike, metadata: Mapping | 
         image_classes = f"single-channel CT in Hounsfield units, clipped to {low}..{high} and scaled to [0, 1]"
     else:
         image_classes = (
-            f"{settings['in_channels']}-channel MRI ({', '.join(settings['channels'])}), each channel z-scored on its "
-            "non-zero voxels"
+            f"{settings['in_channels']}-channel {settings['modality']} ({', '.join(settings['channels'])}), "
+            "each channel z-scored on its non-zero voxels"
         )
     meta.update(
         name=f"Swin UNETR MSD {task}",
-        task=f"Medical Segmentation Decathlon {task}: {', '.join(settings['class_names'])} from {settings['modality']}",
+        task=f"{'' if 'plan' in settings else 'Medical Segmentation Decathlon '}{task}: "
+        f"{', '.join(settings['class_names'])} from {settings['modality']}",
         image_classes=image_classes,
         label_classes=labels,
         pred_classes=(
@@ -240,14 +250,21 @@ def task_metadata(task: str, tasks_file: str | os.PathLike, metadata: Mapping | 
 
 
 def save_task_metadata(
-    task: str, folder: str | os.PathLike, tasks_file: str | os.PathLike, metadata: Mapping | None = None
+    task: str,
+    folder: str | os.PathLike,
+    tasks_file: str | os.PathLike,
+    metadata: Mapping | None = None,
+    settings: Mapping | None = None,
 ) -> Path:
     """Write ``task``'s metadata (:func:`task_metadata`) to ``folder/metadata.json``, beside the model trained for it,
-    so that the label names and channels travel with the weights."""
-    metadata = task_metadata(task, tasks_file, metadata)  # first, so that an unknown task leaves no folder behind
+    so that the label names and channels travel with the weights; a task planned from its data set also gets its plan
+    there (``plan.json``)."""
+    metadata = task_metadata(task, tasks_file, metadata, settings)  # first: an unknown task leaves no folder behind
     path = Path(folder) / "metadata.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metadata, indent=4) + "\n")
+    if settings and "plan" in settings:
+        (path.parent / "plan.json").write_text(Path(settings["plan"]).read_text())
     return path
 
 
@@ -261,7 +278,9 @@ def check_dataset_json(dataset_dir: str | os.PathLike, settings: Mapping) -> Non
         described = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable dataset.json ({exc})") from exc
-    labels, modality = described.get("labels"), described.get("modality")
+    labels, modality = described.get("labels"), described.get("modality", described.get("channel_names"))
+    if isinstance(labels, Mapping) and labels and all(isinstance(v, int) for v in labels.values()):
+        labels = {str(v): name for name, v in labels.items()}  # nnU-Net v2: name -> value
     if isinstance(modality, Mapping) and len(modality) != settings["in_channels"]:
         raise DataError(
             f"{path}: {len(modality)} input channels {dict(modality)}, {settings['task']} expects "
@@ -341,6 +360,9 @@ def load_task_datalist(
     lists = build_datalist(dataset_dir, datalist_file, val_fraction=0.0, seed=seed)
     labelled = lists.get("training", []) + lists.get("validation", [])
     if split in ("training", "validation"):
+        if len(labelled) < num_folds:
+            source = datalist_file or Path(dataset_dir) / "dataset.json"
+            raise DataError(f"{source}: {len(labelled)} labelled cases cannot make {num_folds} folds (set --num_folds)")
         cases = kfold_split(labelled, num_folds, fold, seed)[split]
         if split == "training" and label_fraction < 1.0:
             cases = keep_fraction(cases, label_fraction, seed)
