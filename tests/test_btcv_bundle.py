@@ -10,7 +10,9 @@ import pytest
 import torch
 from conftest import BTCV_BUNDLE, SCHEMA, SMALL, configs, run_workflow, write_ct_case
 from monai.bundle import ConfigWorkflow, verify_net_in_out
+from monai.data import MetaTensor
 from monai.losses import DiceCELoss
+from monai.transforms import Spacing
 
 
 def test_metadata_is_valid_against_monai_schema():
@@ -127,16 +129,23 @@ class _IntensityClassifier(torch.nn.Module):
         return torch.cat([torch.full_like(x, -2.25), organs], 1)
 
 
-def test_evaluation_scores_on_the_original_label_grid(tmp_path):
+@pytest.mark.parametrize("score_pixdim", [None, [1.5, 1.5, 1.5]])
+def test_evaluation_scores_on_the_original_label_grid(score_pixdim, tmp_path):
     """Cases at 2 mm evaluated by a network working at 3 mm: Dice and HD95 are those of the saved prediction (on the
-    original grid) against the label file, as the reference test script scores, not those of the 3 mm grid."""
+    original grid) against the label file, as the reference test script scores, not those of the 3 mm grid. With
+    ``score_pixdim``, both are first resampled (nearest) to that grid, as the released SwinMM test (``WORD/
+    test_parallel.py``) does to 1 mm."""
     data = tmp_path / "data"
     cases = [write_ct_case(data, f"fine{i}", spacing=2.0, seed=40 + i) for i in range(2)]
     (data / "dataset_0.json").write_text(json.dumps({"training": cases[:1], "validation": cases}))
     small = {k: v for k, v in SMALL.items() if not k.startswith("network_def")}
     common = {**small, "bundle_root": str(tmp_path / "run"), "dataset_dir": str(data), "num_overlays": 0}
     workflow = ConfigWorkflow(
-        config_file=configs("train", "evaluate"), workflow_type="infer", network_def=_IntensityClassifier(), **common
+        config_file=configs("train", "evaluate"),
+        workflow_type="infer",
+        network_def=_IntensityClassifier(),
+        score_pixdim=score_pixdim,
+        **common,
     )
     workflow.initialize()
     (tmp_path / "run" / "models").mkdir(parents=True)
@@ -157,6 +166,11 @@ def test_evaluation_scores_on_the_original_label_grid(tmp_path):
         name = case["image"].split("/")[-1].replace(".nii.gz", "_seg.nii.gz")
         pred = np.asarray(nib.load(tmp_path / "run" / "eval" / "predictions" / name).dataobj)
         assert pred.shape == label.shape  # the prediction lies on the label's own 2 mm grid
+        if score_pixdim:  # the released SwinMM test: Spacing(pixdim, mode="nearest") of label and prediction
+            resample = Spacing(score_pixdim, mode="nearest")
+            affine = nib.load(case["label"]).affine
+            label, pred = (resample(MetaTensor(a[None], affine=affine))[0].numpy() for a in (label, pred))
+            assert label.shape == (64, 58, 53)  # 48 x 44 x 40 voxels of 2 mm at 1.5 mm
         key = next(k for k in report["per_case"] if case["image"].split("/")[-1].split(".")[0] in k)
         for organ, name in enumerate(organs, start=1):
             reported = report["per_case"][key]["dice"][name]

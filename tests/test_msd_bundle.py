@@ -30,6 +30,7 @@ from swin_unetr_kit.msd import (
     RegionsToLabelsd,
     UnknownTaskError,
     channel_def,
+    crop_transform,
     keep_fraction,
     kfold_split,
     max_epochs,
@@ -169,6 +170,10 @@ def test_brain_tumour_crops_are_the_brats21_crops(tmp_path):
         assert torch.equal(mine["label"].as_tensor().to(torch.uint8), theirs["label"].as_tensor().to(torch.uint8))
         starts.add(tuple(theirs["image"].meta["affine"][:3, 3].tolist()))
     assert len(starts) > 1  # the windows moved, and followed the reference's each time
+    spleen = task_settings("Task09_Spleen", TASKS_FILE)
+    spleen["recipe"] |= {"crop": "random", "zscore_crops": True}
+    with pytest.raises(ValueError, match="zscore_crops needs"):  # a CT window cannot be re-applied to a crop
+        crop_transform(spleen, roi, 1)
     # validation: the reference z-scores the whole volume; the bundle its foreground box, whose outside is all zeros
     # that the non-zero z-score leaves out, so the same values on the box that the network sees
     load, zscore = (
