@@ -25,7 +25,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from swin_unetr_kit.record import check_record, read_record
+from swin_unetr_kit.record import RecordError, check_record, is_released_encoder, read_record
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,15 @@ class RecordedCheckpointLoader(CheckpointLoader):
 
     def __call__(self, engine: Engine) -> None:
         record = read_record(self.load_path)
+        network = next(iter(self.load_dict.values()))
         if record is not None:
-            check_record(next(iter(self.load_dict.values())), record, self.load_path)
+            check_record(network, record, self.load_path)
+        elif is_released_encoder(self.load_path):
+            raise RecordError(
+                f"{self.load_path}: holds the released self-supervised encoder alone, not the whole "
+                f"{type(getattr(network, 'module', network)).__name__}; give it as --pretrained_ckpt to a training, "
+                "or point --ckpt_path at a checkpoint a training wrote"
+            )
         super().__call__(engine)
 
 

@@ -141,6 +141,12 @@ def _is_released_ssl_layout(checkpoint: object) -> bool:
     return bool(keys) and all(k.startswith("module.") for k in keys) and any(".mlp.fc1." in k for k in keys)
 
 
+def is_released_encoder(path: str) -> bool:
+    """Whether ``path`` holds the released self-supervised encoder alone (no record; ``module.`` keys, fc1/fc2 names):
+    what the SSL bundle's ``large_files.yml`` fetches as its ``models/model.pt``."""
+    return _is_released_ssl_layout(_load(path))
+
+
 def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
     """The hex digest of the file at ``path``, read in 1 MiB chunks. Ours because MONAI's ``check_hash`` only compares
     with a given value, and ``hashlib.file_digest`` needs Python 3.11 (the model zoo's CI runs 3.10)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -225,3 +227,22 @@ def test_the_override_as_the_command_line_passes_it(tmp_path):
     assert resolve_patch_merging("No", []) == "merging"  # every spelling of swin_unetr_kit.settings.flag
     with pytest.raises(ValueError, match="--legacy_patch_merging 'maybe': not a boolean"):
         resolve_patch_merging("maybe", [])
+
+
+def test_ssl_inference_on_the_released_encoder_says_what_it_is(synthetic_dataset, tmp_path):
+    """The SSL bundle's models/model.pt, as its large_files.yml fetches it, is the released encoder alone: its
+    inference command says so and what to do, instead of listing the heads' missing tensors."""
+    from swin_unetr_kit.ssl import SSLPredictor
+
+    network = SSLPredictor(in_channels=1, feature_size=12)
+    (tmp_path / "models").mkdir()
+    encoder = {f"swinViT.{k}": v for k, v in network.swinViT.state_dict().items()}
+    torch.save(released_layout(encoder), tmp_path / "models" / "model.pt")
+    bundle = REPO / "bundles" / "swin_unetr_ssl_pretrain"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    cmd += ["--bundle_root", str(tmp_path), "--input", str(synthetic_dataset / "imagesTs"), "--progress", "false"]
+    cmd += ["--feature_size", "12", "--roi_size", "[64, 64, 64]"]
+    result = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "holds the released self-supervised encoder alone, not the whole SSLPredictor" in result.stderr
+    assert "--pretrained_ckpt" in result.stderr
