@@ -1,5 +1,4 @@
-"""Every module of the kit and every tool imports. CI runs this file under Python 3.10 as well (the model zoo's CI
-runs 3.10, and pyproject.toml allows it), with the tests of the code that differed by version (.ci/run)."""
+"""Every module of the kit and every tool imports (under Python 3.10 too when run there: docs/python310.md)."""
 
 from __future__ import annotations
 
