@@ -227,9 +227,11 @@ class CpuInference:
     def describe(self) -> str:
         """The one-line account of what runs and why."""
         what = {"fp32": "fp32", "bf16": "bf16", "int8": "int8 dynamic quantization of the Linear layers"}
-        runtime = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(self.runtime, "PyTorch eager")
         threads = self.threads or torch.get_num_threads()
-        return f"CPU inference: {what[self.precision]}, {runtime}, {threads} thread(s) ({self.reason})"
+        return f"CPU inference: {what[self.precision]}, {self._runtime_name()}, {threads} thread(s) ({self.reason})"
+
+    def _runtime_name(self) -> str:
+        return {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(self.runtime, "PyTorch eager")
 
     def __call__(self, network: nn.Module, window_shape: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:
         """What runs windows of ``window_shape`` (batch, channels, spatial...) for ``network``: the network itself
@@ -242,6 +244,8 @@ class CpuInference:
         cache = _converted.setdefault(network, {})
         if key not in cache:
             cache.clear()  # older weights or settings: drop their conversions
+            if self.runtime != "torch":  # said before the export's silent half minute (paper size, README)
+                logger.info(f"CPU inference: exporting the network to {self._runtime_name()} (once per network)...")
             try:
                 cache[key] = self._convert(network, window_shape)
             except Exception as error:  # a network the exporter cannot trace: PyTorch runs it, if the user allowed

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from matplotlib import colormaps
 from matplotlib.figure import Figure  # a bare Figure renders to files without pyplot or a display
+from matplotlib.patches import Patch
 from monai.handlers import MetricLogger
 from monai.utils.jupyter_utils import plot_metric_graph
 from monai.visualize import blend_images
@@ -47,23 +50,59 @@ class TrainingCurves:
 
     def __init__(self, output_dir: str, evaluator: Engine | None = None, filename: str = "training_curves.png") -> None:
         self.path = Path(output_dir) / filename
-        self.logger = MetricLogger(loss_transform=_loss_value, evaluator=evaluator)
+        self.evaluator = evaluator
+        self.logger = MetricLogger(loss_transform=_loss_value)
 
     def attach(self, engine: Engine) -> None:
         self.logger.attach(engine)
+        if self.evaluator is not None:
+            self.evaluator.add_event_handler(Events.COMPLETED, self._log_validation, engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
         engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def _log_validation(self, evaluator: Engine, trainer: Engine) -> None:
+        """Record the validation metrics at the trainer's iteration: MetricLogger's own evaluator hook uses the last
+        iteration it logged, one behind where validation runs before it within an iteration."""
+        self.logger.iteration = trainer.state.iteration
+        self.logger.log_metrics(evaluator)
 
     def save(self, engine: Engine | None = None) -> None:
         figure = Figure(figsize=(12, 4.5), tight_layout=True)
         loss_axis, metric_axis = figure.subplots(1, 2)
         if self.logger.loss:
             plot_metric_graph(loss_axis, "training loss", {"loss": self.logger.loss}, yscale="log", avg_keys=("loss",))
-        if self.logger.metrics:
-            plot_metric_graph(metric_axis, "validation", dict(self.logger.metrics), yscale="linear", avg_keys=())
+        overall = {name: values for name, values in self.logger.metrics.items() if "/" not in name}  # not per organ
+        if overall:
+            plot_metric_graph(metric_axis, "validation", overall, yscale="linear", avg_keys=())
         loss_axis.set_xlabel("iteration")
         metric_axis.set_xlabel("iteration")
         save_figure(figure, self.path)
+
+
+class TimeLeft:
+    """Log, after every epoch, how far the whole run is and the time left at the pace of the epochs (validation
+    included) run by this process, so that a resumed run is not estimated from the epochs it did not run:
+    ``run: epoch 3/120 (2.5 %), 0:01:12 elapsed, about 0:46:48 left``."""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _start(self, engine: Engine) -> None:
+        self.started, self.first_epoch = time.perf_counter(), engine.state.epoch
+
+    def __call__(self, engine: Engine) -> None:
+        epoch, epochs = engine.state.epoch, engine.state.max_epochs
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / max(1, epoch - self.first_epoch) * (epochs - epoch)
+        logger.info(
+            f"run: epoch {epoch}/{epochs} ({100 * epoch / epochs:.1f} %), {_clock(elapsed)} elapsed, "
+            f"about {_clock(left)} left"
+        )
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
 
 
 def _label_map(volume: torch.Tensor) -> np.ndarray:
@@ -78,8 +117,15 @@ def _label_map(volume: torch.Tensor) -> np.ndarray:
     return ((volume > 0.5) * numbers).amax(0).numpy().astype(np.int64)
 
 
-def overlay_figure(image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor | None, title: str) -> Figure:
-    """Image, ground truth (if any) and prediction on the axial slice (last axis) with the most labelled voxels."""
+def overlay_figure(
+    image: torch.Tensor,
+    pred: torch.Tensor,
+    label: torch.Tensor | None,
+    title: str,
+    class_names: Sequence[str] = (),
+) -> Figure:
+    """Image, ground truth (if any) and prediction on the axial slice (last axis) with the most labelled voxels, and a
+    legend of the colours of the labels on that slice, named by ``class_names`` (of labels 1, 2, ...)."""
     pred_map = _label_map(pred)
     label_map = _label_map(label) if label is not None else None
     reference = label_map if label_map is not None and label_map.any() else pred_map
@@ -94,13 +140,23 @@ def overlay_figure(image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor 
             colour = torch.from_numpy(labels / hues).float()[None]  # blend_images colours floats in [0, 1]
             blended = blend_images(picture, colour, alpha=0.5, cmap="hsv", rescale_arrays=False)
             panels.append((name, np.moveaxis(blended[..., z].numpy(), 0, -1).transpose(1, 0, 2), None))
-    figure = Figure(figsize=(4 * len(panels), 4.4), tight_layout=True)
+    shown = set(np.unique(pred_map[..., z]).tolist())
+    if label_map is not None:
+        shown |= set(np.unique(label_map[..., z]).tolist())
+    legend = [Patch(color=colormaps["hsv"](v / hues), label=_class_name(v, class_names)) for v in sorted(shown) if v]
+    figure = Figure(figsize=(4 * len(panels) + 2.5 * bool(legend), 4.4), tight_layout=True)
     for axis, (name, data, cmap) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         axis.imshow(data, cmap=cmap, origin="lower")
         axis.set_title(name)
         axis.axis("off")
+    if legend:  # beside the last panel, where the tight layout makes room for it
+        axis.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
     figure.suptitle(f"{title} (slice {z})")
     return figure
+
+
+def _class_name(value: int, class_names: Sequence[str]) -> str:
+    return class_names[value - 1] if value <= len(class_names) else f"label {value}"
 
 
 class CaseOverlays:
@@ -108,7 +164,7 @@ class CaseOverlays:
     the most labelled voxels) into ``output_dir``, named after each case's image file.
 
     Reads the evaluator's decollated output after post-processing: ``image`` and ``pred`` (and ``label`` when there is
-    one) in the same, resampled, geometry, as labels or one-hot.
+    one) in the same, resampled, geometry, as labels or one-hot. ``class_names`` name labels 1, 2, ... in the legend.
     """
 
     def __init__(
@@ -118,8 +174,10 @@ class CaseOverlays:
         image_key: str = "image",
         pred_key: str = "pred",
         label_key: str = "label",
+        class_names: Sequence[str] = (),
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.class_names = list(class_names)
         self.num_cases = num_cases
         self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
         self.saved = 0
@@ -147,6 +205,6 @@ class CaseOverlays:
                 return
             source = getattr(image, "meta", {}).get("filename_or_obj", f"case{self.saved}")
             name = Path(str(source)).name.split(".")[0] or f"case{self.saved}"
-            figure = overlay_figure(image, pred, item.get(self.label_key), name)
+            figure = overlay_figure(image, pred, item.get(self.label_key), name, self.class_names)
             save_figure(figure, self.output_dir / f"{name}.png")
             self.saved += 1

@@ -140,6 +140,7 @@ def test_evaluation_scores_on_the_original_label_grid(score_pixdim, tmp_path):
     (data / "dataset_0.json").write_text(json.dumps({"training": cases[:1], "validation": cases}))
     small = {k: v for k, v in SMALL.items() if not k.startswith("network_def")}
     common = {**small, "bundle_root": str(tmp_path / "run"), "dataset_dir": str(data), "num_overlays": 0}
+    common["mlflow_run#params"] = {}  # the run's settings name a Swin UNETR's feature size, which this network lacks
     workflow = ConfigWorkflow(
         config_file=configs("train", "evaluate"),
         workflow_type="infer",
@@ -222,35 +223,3 @@ def test_real_sample_ct_train_and_infer_on_dicom(sample_dataset, tmp_path):
     reference = LoadImage(image_only=True)(str(dicom))
     assert out.shape == tuple(reference.shape) == (512, 512, 20)
     np.testing.assert_allclose(out.affine, reference.affine.numpy(), atol=1e-3)
-
-
-def test_mlflow_tracking_logs_losses_and_metrics(synthetic_dataset, tmp_path):
-    mlflow = pytest.importorskip("mlflow")
-    from monai.utils import path_to_sqlite_uri
-
-    run_workflow(
-        configs("train"),
-        tracking="mlflow",
-        **SMALL,
-        bundle_root=str(tmp_path),
-        dataset_dir=str(synthetic_dataset),
-        **{"train#trainer#max_epochs": 1, "val_interval": 1},
-    )
-    client = mlflow.MlflowClient(tracking_uri=path_to_sqlite_uri(str(tmp_path / "eval" / "mlruns.db")))
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert len(runs) == 1
-    assert {"train_loss", "val_mean_dice"} <= set(runs[0].data.metrics)
-    assert list((tmp_path / "eval").glob("config_*.json"))  # the executed config is saved
-
-    run_workflow(  # evaluation of the trained model is tracked in the same store
-        configs("train", "evaluate"),
-        workflow_type="infer",
-        tracking="mlflow",
-        **SMALL,
-        bundle_root=str(tmp_path),
-        dataset_dir=str(synthetic_dataset),
-    )
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    evaluation = [r for r in runs if "dice" in r.data.metrics]
-    assert len(runs) == 2 and len(evaluation) == 1
-    assert 0.0 <= evaluation[0].data.metrics["dice"] <= 1.0 and "hd95" in evaluation[0].data.metrics

@@ -44,3 +44,23 @@ def test_demo_trials_record_the_fit_of_the_training_ct(sample_dataset, tmp_path)
     (row,) = [json.loads(line) for line in (out / "demo.jsonl").read_text().splitlines()]
     assert row["iteration"] == 1 and len(row["dice"]) == 12  # the 12 organs of the training CT (no esophagus)
     assert 0.0 <= row["mean_dice"] <= 1.0 and row["organs_at_0.7"] <= 12
+
+
+def test_progress_line_shows_the_bundles_time_left(capsys):
+    """The demo's status line takes the time left from the bundle's own estimate (TimeLeft), not from its clock."""
+    import demo
+
+    progress = demo.Progress("training", every=0.0)
+    progress.tty = False
+    progress.update(
+        "2026-12-06 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch: 1/4, Iter: 1/1 -- train_loss: 1.2"
+    )
+    progress.update(
+        "2026-12-06 - swin_unetr_kit.visual - INFO - run: epoch 1/4 (25.0 %), 00:00:09 elapsed, about 00:00:27 left"
+    )
+    progress.update(
+        "2026-12-06 - ignite.engine.engine.SupervisedTrainer - INFO - Epoch: 2/4, Iter: 1/1 -- train_loss: 0.9"
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("  training: epoch 1/4, iteration 1/1, loss 1.2000, left ~? (elapsed")
+    assert lines[1].startswith("  training: epoch 2/4, iteration 1/1, loss 0.9000, left ~00:00:27 (elapsed")

@@ -468,6 +468,7 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
         val_fraction=0.5,
         num_steps=1,
         val_interval=1,
+        tracking="mlflow",
     )
     pretrained = tmp_path / "ssl" / "models" / "swinmm" / "model.pt"
     assert pretrained.is_file() and (tmp_path / "ssl" / "models" / "swinmm" / "latest.pt").is_file()
@@ -476,6 +477,14 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     metrics = parser.get_parsed_content("validate#evaluator").state.metrics
     assert {"val_loss", "val_reconstruction_loss", "val_mutual_loss", "val_rotation_loss"} <= set(metrics)
     assert set(parser.get_parsed_content("loss").terms) >= {"rotation", "contrastive", "reconstruction", "mutual"}
+    from monai.utils import path_to_sqlite_uri
+
+    mlflow = pytest.importorskip("mlflow")  # --tracking mlflow logs every term of the SwinMM loss too
+    client = mlflow.MlflowClient(path_to_sqlite_uri(str(tmp_path / "ssl" / "eval" / "mlruns.db")))
+    (run,) = client.search_runs([client.get_experiment_by_name("swin_unetr_ssl_pretrain").experiment_id])
+    assert run.info.run_name == "swinmm training" and {"mutual", "reconstruction", "val_mutual_loss"} <= set(
+        run.data.metrics
+    )
     groups = parser.get_parsed_content("optimizer").param_groups
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     pretrained_weights = torch.load(pretrained, weights_only=True)["model"]  # beside its record

@@ -4,17 +4,20 @@ client on the bundle root's sqlite store, TensorBoard's EventAccumulator on the 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_ct_case
+from conftest import REPO, SMALL, configs, run_workflow, write_ct_case, write_msd_task
 
 mlflow = pytest.importorskip("mlflow")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
+MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 
 
 def bundle_cli(bundle: Path, run_id: str, config_files: list[str], **overrides) -> subprocess.CompletedProcess:
@@ -55,7 +58,7 @@ def test_ssl_pretraining_tracked_by_mlflow_from_the_cli(tmp_path):
         write_ct_case(tmp_path / "data", f"ct{i}", seed=10 + i)
     root = tmp_path / "root"
     small = {"feature_size": 12, "roi_size": [64, 64, 64], "num_samples": 1, "val_num_samples": 1, "batch_size": 2}
-    bundle_cli(
+    result = bundle_cli(
         SSL_BUNDLE,
         "training",
         ["configs/train.json"],
@@ -69,6 +72,7 @@ def test_ssl_pretraining_tracked_by_mlflow_from_the_cli(tmp_path):
         progress="false",
         **small,
     )
+    assert "run: epoch 1/2 (50.0 %)" in result.stdout and "run: epoch 2/2 (100.0 %)" in result.stdout  # time left
     runs = mlflow_runs(root, "swin_unetr_ssl_pretrain")
     assert list(runs) == ["training"]
     run, artifacts = runs["training"]
@@ -81,3 +85,76 @@ def test_ssl_pretraining_tracked_by_mlflow_from_the_cli(tmp_path):
     assert {"training_curves.png", "run_settings.json"} <= artifacts
     assert any(a.startswith("config_") for a in artifacts)
     assert {"total", "reconstruction", "lr", "val_loss"} <= tensorboard_tags(root / "eval")["scalars"]
+
+
+def test_btcv_training_and_evaluation_records(synthetic_dataset, tmp_path, capfd, caplog):
+    """One training and one evaluation of BTCV, tracked: each its own named run in the bundle root's store, with the
+    run's settings as parameters, per-organ Dice (and HD95) besides the means, the learning rate, and the reports and
+    pictures as artifacts; TensorBoard has the learning rate, per-organ Dice and the evaluated case as images."""
+    common = {**SMALL, "bundle_root": str(tmp_path), "dataset_dir": str(synthetic_dataset), "tracking": "mlflow"}
+    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 1, "val_interval": 1})
+    capfd.readouterr()
+    writer = logging.getLogger("monai.data.image_writer")  # MONAI's own logger, which does not propagate
+    writer.addHandler(caplog.handler)
+    try:
+        run_workflow(configs("train", "evaluate"), workflow_type="infer", **common)
+    finally:
+        writer.removeHandler(caplog.handler)
+    # the evaluation says where each file goes, and how far it is
+    for case in ("case2", "case3"):
+        assert f"writing: {tmp_path / 'eval' / 'predictions' / case}_seg.nii.gz" in caplog.text
+    assert "evaluation: [2/2] 100%" in "".join(capfd.readouterr())  # ignite's bar over the cases
+
+    runs = mlflow_runs(tmp_path, "swin_unetr_btcv_seg")
+    assert set(runs) == {"training", "evaluation"}
+    (training, kept), (evaluation, reports) = runs["training"], runs["evaluation"]
+    for run in (training, evaluation):
+        assert run.data.params["feature_size"] == "12" and run.data.params["pixdim"] == "[3.0, 3.0, 3.0]"
+        assert run.data.params["dataset_dir"] == str(synthetic_dataset)
+    assert training.data.params["learning_rate"] == "0.0001" and training.data.params["max_epochs"] == "1"
+    assert evaluation.data.params["eval_split"] == "validation"
+    assert {"train_loss", "lr_group_0", "val_mean_dice", "val_mean_dice/spleen", "val_mean_dice/liver"} <= set(
+        training.data.metrics
+    )
+    assert {"dice", "hd95", "dice/spleen", "hd95/spleen", "dice/left adrenal gland"} <= set(evaluation.data.metrics)
+    assert 0.0 <= evaluation.data.metrics["dice/spleen"] <= 1.0
+    assert {"training_curves.png", "run_settings.json"} <= kept and any(a.startswith("config_") for a in kept)
+    assert {"metrics.json", "dice_raw.csv", "hd95_summary.csv", "case2.png", "case3.png"} <= reports
+    # the CSVs were kept after the organ names replaced MetricsSaver's class0, class1, ...
+    assert "spleen" in (tmp_path / "eval" / "dice_raw.csv").read_text().splitlines()[0]
+
+    tags = tensorboard_tags(tmp_path / "eval")
+    assert {"train_loss", "lr", "val_mean_dice", "val_mean_dice/spleen", "dice/spleen", "hd95/liver"} <= tags["scalars"]
+    assert {"input_0_HWD", "input_1_HWD", "output_HWD"} <= {tag.split("/")[0] for tag in tags["images"]}
+
+
+def test_msd_folds_compare_in_one_store(tmp_path):
+    """Two folds of an MSD task and the evaluation of one: three runs named by task, fold and workflow in the bundle
+    root's one store (so that ``mlflow ui`` compares the folds), with the task and fold as parameters, per-organ Dice,
+    and the overlays as artifacts; TensorBoard has the per-organ Dice of each fold."""
+    from swin_unetr_kit.msd import task_settings
+
+    root = tmp_path / "msd"
+    shutil.copytree(MSD_BUNDLE / "configs", root / "configs")  # the task table, read from the bundle root
+    task = "Task09_Spleen"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, str(root / "configs" / "tasks.json")))
+    msd = [str(MSD_BUNDLE / "configs" / f"{name}.json") for name in ("train", "evaluate")]
+    small = {k: v for k, v in SMALL.items() if k != "pixdim"}
+    common = {**small, "bundle_root": str(root), "dataset_dir": str(dataset), "tracking": "mlflow", "num_folds": 2}
+    for fold in (0, 1):
+        run_workflow(msd[:1], **common, fold=fold, **{"train#trainer#max_epochs": 1, "val_interval": 1})
+    run_workflow(msd, workflow_type="infer", **common, fold=0)
+
+    runs = mlflow_runs(root, "swin_unetr_msd")
+    names = {"Task09_Spleen/fold0of2/training", "Task09_Spleen/fold1of2/training", "Task09_Spleen/fold0of2/evaluation"}
+    assert set(runs) == names
+    assert not list(root.glob("eval/*/*/mlruns.db"))  # no store per run
+    for name, (run, _) in runs.items():
+        assert run.data.params["task"] == task and run.data.params["fold"] == name.split("/")[1][4]
+        assert run.data.params["roi_size"] == "[64, 64, 64]" and run.data.params["feature_size"] == "12"
+    assert "val_mean_dice/spleen" in runs["Task09_Spleen/fold1of2/training"][0].data.metrics
+    evaluation, reports = runs["Task09_Spleen/fold0of2/evaluation"]
+    assert {"dice/spleen", "hd95/spleen"} <= set(evaluation.data.metrics)
+    assert {"metrics.json", "dice_summary.csv", "spleen_000.png"} <= reports
+    for fold in ("fold0of2", "fold1of2"):
+        assert "val_mean_dice/spleen" in tensorboard_tags(root / "eval" / task / fold)["scalars"]

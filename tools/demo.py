@@ -87,23 +87,24 @@ EPOCHS = 200
 ONE_WINDOW = {"cpu_runtime": "torch"}
 
 
-# a StatsHandler iteration line ("Epoch: 3/120, Iter: 1/1 -- train_loss: 0.7345") and a progress bar's counts and
-# times ("9/20 [00:03<00:04"), the two kinds of progress the bundles log
+# a StatsHandler iteration line ("Epoch: 3/120, Iter: 1/1 -- train_loss: 0.7345"), the time left of the whole run
+# that the bundles' TimeLeft handler logs after every epoch, and a progress bar's counts and times ("9/20 [00:03<00:04")
 STATS_LINE = re.compile(r"Epoch: (\d+)/(\d+), Iter: (\d+)/(\d+) -- \w*loss\w*: ([\d.eE+-]+)")
+TIME_LEFT_LINE = re.compile(r"run: epoch \d+/\d+ .* about (.+) left")
 BAR_LINE = re.compile(r"(\d+)/(\d+) \[(\d[\d:]*)<(\d[\d:]*)")
 
 
 class Progress:
     """One status line on the terminal for a bundle run whose output goes to a log: the epoch and iteration with the
-    training loss and the time left (estimated from the epochs done), or the counts and time left of the run's
-    progress bar (sliding windows of evaluation and inference). Rewritten in place on a terminal; elsewhere (a pipe,
-    a CI log) printed as a new line every ``every`` seconds."""
+    training loss and the time left (the bundle's estimate, logged after every epoch), or the counts and time left of
+    the run's progress bar (sliding windows of evaluation and inference). Rewritten in place on a terminal; elsewhere
+    (a pipe, a CI log) printed as a new line every ``every`` seconds."""
 
     def __init__(self, stage: str, every: float = 20.0) -> None:
         self.stage, self.every = stage, every
         self.tty = sys.stdout.isatty()
         self.started = time.perf_counter()
-        self.first_epoch: tuple[int, float] | None = None
+        self.left, self.trained = "?", False
         self.shown, self.last = "", 0.0
 
     def _clock(self, seconds: float) -> str:
@@ -111,17 +112,15 @@ class Progress:
 
     def update(self, segment: str) -> None:
         elapsed = time.perf_counter() - self.started
+        if match := TIME_LEFT_LINE.search(segment):
+            self.left = match.group(1)
+            return
         if match := STATS_LINE.search(segment):
             epoch, epochs, iteration, iterations, loss = match.groups()
-            epoch, epochs, done = int(epoch), int(epochs), int(iteration) == int(iterations)
-            first = self.first_epoch is None
-            if first:
-                self.first_epoch = (epoch - 1, elapsed)
-            left = "?"
-            finished, since = epoch - self.first_epoch[0] - (not done), elapsed - self.first_epoch[1]
-            if finished > 0 and since > 0:  # the first line has no time to go by
-                left = self._clock(since / finished * (epochs - epoch + (not done)))
-            text = f"epoch {epoch}/{epochs}, iteration {iteration}/{iterations}, loss {float(loss):.4f}, left ~{left}"
+            first, self.trained = not self.trained, True
+            text = (
+                f"epoch {epoch}/{epochs}, iteration {iteration}/{iterations}, loss {float(loss):.4f}, left ~{self.left}"
+            )
         elif match := BAR_LINE.search(segment):
             count, total, _, remaining = match.groups()
             text, first = f"sliding window {count}/{total} of a volume, left {remaining}", False
