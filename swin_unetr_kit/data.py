@@ -30,6 +30,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
+from monai.data.utils import create_file_basename
 from monai.transforms import LoadImage, MapTransform, Spacingd
 
 logger = logging.getLogger(__name__)
@@ -445,20 +446,67 @@ def inference_inputs(
     in_channels: int = 1,
     domain: Mapping | None = None,
     strict_domain: bool = False,
+    output_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Cases to predict from a file, a DICOM series folder, a folder of both, a datalist json or a list of paths,
-    every one checked by :func:`check_cases` before anything is predicted or written.
+    every one checked by :func:`check_cases` before anything is predicted or written, and, given the ``output_dir``
+    of a ``SaveImaged`` rooted at :func:`input_root`, each with an output file of its own that is not an input
+    (:func:`output_root`).
 
     Raises:
         DataError: nothing to predict, or inputs that cannot be read, hold NaN/Inf, are constant or have the wrong
-            channel count (all of them in one message).
+            channel count (all of them in one message), or outputs that would collide or replace an input.
     """
-    paths = _input_paths(Path(inputs)) if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
+    paths = _inference_paths(inputs)
     if not paths:
         raise DataError(f"{inputs}: no images or DICOM series to predict")
     cases = [{"image": p} for p in paths]
+    if output_dir is not None:
+        output_root(cases, output_dir)
     check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
     return cases
+
+
+def input_root(inputs: str | os.PathLike | Sequence[str]) -> str:
+    """The folder the images of :func:`inference_inputs` have in common: the ``data_root_dir`` of the bundles'
+    ``SaveImaged``. Reads only file names; "" where the inputs cannot be listed (``inference_inputs`` says why)."""
+    try:
+        paths = _inference_paths(inputs)
+    except DataError:
+        return ""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]) if paths else ""
+
+
+def _inference_paths(inputs: str | os.PathLike | Sequence[str]) -> list[str]:
+    return _input_paths(Path(inputs)) if isinstance(inputs, (str, os.PathLike)) else [str(p) for p in inputs]
+
+
+def output_root(
+    cases: Sequence[Mapping], output_dir: str | os.PathLike, postfix: str = "seg", suffix: str = ".nii.gz"
+) -> str:
+    """The ``data_root_dir`` for ``SaveImaged`` (with ``separate_folder=False``) that gives each case of ``cases`` its
+    own output file under ``output_dir``: the folder the images have in common, so that ``p1/img.nii.gz`` and
+    ``p2/img.nii.gz`` are written to ``p1/img_seg.nii.gz`` and ``p2/img_seg.nii.gz`` rather than one over the other.
+
+    Raises:
+        DataError: two inputs that would still be written to the same file (``img.nii`` and ``img.nii.gz``), or an
+            output that would replace one of the inputs (images or labels), before anything is predicted.
+    """
+    images = [os.path.abspath(str(case["image"])) for case in cases]
+    root = os.path.commonpath([os.path.dirname(image) for image in images]) if images else ""
+    inputs = {os.path.realpath(str(case[key])) for case in cases for key in ("image", "label") if case.get(key)}
+    written: dict[str, str] = {}
+    for image in images:
+        base = create_file_basename(postfix, image, os.path.abspath(output_dir), root, False, makedirs=False)
+        target = base + suffix
+        if target in written:
+            raise DataError(f"{image}: would be written to {target} like {written[target]}; rename one of them")
+        if os.path.realpath(target) in inputs:
+            raise DataError(
+                f"{target}: is an input and would be replaced by the prediction of {image}; choose another --output_dir"
+            )
+        written[target] = image
+    return root
 
 
 def _input_paths(path: Path) -> list[str]:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from matplotlib.figure import Figure  # a bare Figure renders to files without pyplot or a display
+from monai.data.utils import create_file_basename
 from monai.handlers import MetricLogger
 from monai.utils.jupyter_utils import plot_metric_graph
 from monai.visualize import blend_images
@@ -105,7 +106,9 @@ def overlay_figure(image: torch.Tensor, pred: torch.Tensor, label: torch.Tensor 
 
 class CaseOverlays:
     """Save PNG overlays of the first ``num_cases`` evaluated cases (image, ground truth, prediction on the slice with
-    the most labelled voxels) into ``output_dir``, named after each case's image file.
+    the most labelled voxels) into ``output_dir``, named after each case's image file; below ``data_root_dir`` (see
+    :func:`swin_unetr_kit.data.output_root`) images keep their sub-folders, so that cases of the same name do not
+    share one PNG.
 
     Reads the evaluator's decollated output after post-processing: ``image`` and ``pred`` (and ``label`` when there is
     one) in the same, resampled, geometry, as labels or one-hot.
@@ -118,8 +121,10 @@ class CaseOverlays:
         image_key: str = "image",
         pred_key: str = "pred",
         label_key: str = "label",
+        data_root_dir: str = "",
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.data_root_dir = data_root_dir
         self.num_cases = num_cases
         self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
         self.saved = 0
@@ -146,7 +151,7 @@ class CaseOverlays:
                 self.saved = self.num_cases
                 return
             source = getattr(image, "meta", {}).get("filename_or_obj", f"case{self.saved}")
-            name = Path(str(source)).name.split(".")[0] or f"case{self.saved}"
-            figure = overlay_figure(image, pred, item.get(self.label_key), name)
-            save_figure(figure, self.output_dir / f"{name}.png")
+            path = create_file_basename("", str(source), self.output_dir, self.data_root_dir, False, makedirs=False)
+            figure = overlay_figure(image, pred, item.get(self.label_key), Path(path).name)
+            save_figure(figure, Path(f"{path}.png"))
             self.saved += 1
