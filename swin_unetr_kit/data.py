@@ -23,7 +23,9 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,6 +48,7 @@ FOLDER_LAYOUTS = (
 # affines of an image and its label may differ by float rounding, not by geometry (mm / direction cosines)
 AFFINE_TOLERANCE = 1e-3
 _WARNED: set[str] = set()  # domain warnings already logged by this process
+OUTPUT_MARKER = ".swin_unetr_output"  # in every --out folder the tools make: a folder they may replace on a rerun
 
 
 class DataError(ValueError):
@@ -197,6 +200,10 @@ def load_datalist(
     lists = build_datalist(dataset_dir, datalist_file, val_fraction, seed)
     cases = lists.get(split, [])
     source = datalist_file or dataset_dir
+    for line in overlap_problems(lists, source):
+        if line not in _WARNED:  # once per process: training reads its data set for each split
+            _WARNED.add(line)
+            logger.warning(line)
     if not cases:
         raise DataError(
             f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})"
@@ -207,8 +214,47 @@ def load_datalist(
         check_cases(
             checked, in_channels=in_channels, num_classes=num_classes, domain=domain, strict_domain=strict_domain
         )
+        if split != "training":
+            cases = _with_foreground(cases, source, split)
     logger.info("%s: %d '%s' cases", source, len(cases), split)
     return cases
+
+
+def _with_foreground(cases: Sequence[dict], source: str | os.PathLike, split: str) -> list[dict]:
+    """``cases`` without those whose label holds no foreground (every voxel 0), each left out with a warning: their
+    Dice is 0 or undefined and their HD95 meaningless, so a score over them is wrong (read from the check's cache).
+
+    Raises:
+        DataError: no case of ``split`` has foreground.
+    """
+    kept = []
+    for case in cases:
+        label = case.get("label")
+        if label is not None and not any(scan_volume(label, values=True)["values"]):
+            logger.warning("%s: no foreground (every voxel 0), left out of the '%s' cases", label, split)
+            continue
+        kept.append(case)
+    if not kept:
+        raise DataError(f"{source}: no '{split}' case has foreground in its label")
+    return kept
+
+
+def overlap_problems(lists: Mapping[str, Sequence[dict]], source: str | os.PathLike) -> list[str]:
+    """What a user would not knowingly put in a datalist: an image listed twice in one part, or in both
+    ``training`` and ``validation`` (the validation score is then not of unseen data), one line each."""
+    images = {part: [os.path.realpath(str(c["image"])) for c in lists.get(part, [])] for part in lists}
+    problems = []
+    for part, paths in images.items():
+        repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
+        if repeated:
+            problems.append(f"{source}: {len(repeated)} images listed twice or more in '{part}' (first: {repeated[0]})")
+    shared = sorted(set(images.get("training", [])) & set(images.get("validation", [])))
+    if shared:
+        problems.append(
+            f"{source}: {len(shared)} cases in both 'training' and 'validation' (first: {shared[0]}); the validation "
+            "score is not of unseen data"
+        )
+    return problems
 
 
 def _header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
@@ -534,10 +580,16 @@ def _is_dicom_series(folder: Path) -> bool:
     )
 
 
-def find_images(source: str | os.PathLike) -> list[str]:
+def find_images(source: str | os.PathLike, _visited: set[str] | None = None) -> list[str]:
     """Every image in ``source`` for unlabelled use: a datalist's images (all parts), a data set's image folders
-    (never its label folders), a DICOM series folder, an image file, or any folder searched recursively."""
+    (never its label folders), a DICOM series folder, an image file, or any folder searched recursively (each
+    folder once, however many symbolic links lead to it, so a link loop cannot count one CT many times)."""
     path = Path(source)
+    visited = set() if _visited is None else _visited
+    if path.is_dir():
+        if os.path.realpath(path) in visited:
+            return []
+        visited.add(os.path.realpath(path))
     if not path.exists():
         raise DataError(f"{path}: not found")
     if path.suffix == ".json":
@@ -552,7 +604,7 @@ def find_images(source: str | os.PathLike) -> list[str]:
             return list_images(path / images_dir) + list_images(path / test_dir)
     found = []
     for item in list_images(path):
-        found += find_images(item) if Path(item).is_dir() else [item]
+        found += find_images(item, visited) if Path(item).is_dir() else [item]
     return found
 
 
@@ -568,7 +620,8 @@ def load_unlabeled(
 ) -> list[dict]:
     """One split of the unlabelled images of one or many ``sources`` (see :func:`find_images`), seeded and checked."""
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    images = sorted({image for source in sources for image in find_images(source)})
+    found = {os.path.realpath(image): image for source in sources for image in find_images(source)}
+    images = sorted(found.values())  # one entry per file, whatever links lead to it
     cases = split_cases([{"image": image} for image in images], val_fraction, seed).get(split, [])
     if not cases:
         raise DataError(f"{', '.join(map(str, sources))}: no images for the '{split}' split ({len(images)} found)")
@@ -578,6 +631,36 @@ def load_unlabeled(
         )
     logger.info("%d '%s' images from %d sources", len(cases), split, len(sources))
     return cases
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, marker: str = OUTPUT_MARKER) -> Path:
+    """Refuse to replace the folder ``path`` (a tool's ``--out``) unless it is absent or empty, was made by one of the
+    project's tools (it holds ``marker``) or ``overwrite`` is set; never one that holds the current folder or a git
+    checkout. Returns its absolute path.
+
+    Raises:
+        DataError: naming the folder and what would be lost.
+    """
+    folder = Path(path).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file, not an output folder; choose another --out")
+    if not folder.is_dir() or not any(folder.iterdir()) or (folder / marker).is_file():
+        return folder
+    if Path.cwd().resolve().is_relative_to(folder) or (folder / ".git").exists():
+        raise DataError(f"{folder}: holds the current folder or a git checkout; choose another --out")
+    if not overwrite:
+        raise DataError(f"{folder}: not empty and not made by this tool; pass --overwrite true or choose another --out")
+    return folder
+
+
+def replace_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Empty the output folder ``path`` (after :func:`check_output_dir`) and mark it as the project's own."""
+    folder = check_output_dir(path, overwrite)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / OUTPUT_MARKER).write_text("made by a swin_unetr_kit tool; replaced when the tool runs again\n")
+    return folder
 
 
 class WarnIfNotCTd(MapTransform):

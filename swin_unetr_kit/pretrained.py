@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMergingV2
 
+from swin_unetr_kit.settings import network_flags
+
 logger = logging.getLogger(__name__)
 
 # containers under which trainers store a network's weights
@@ -95,7 +97,9 @@ def checkpoint_feature_size(ckpt_paths: str | os.PathLike | list, default: int) 
     """The ``feature_size`` of the SwinUNETR stored in the first of ``ckpt_paths`` that exists, else ``default``.
 
     A config builds its network with this so that it always fits the weights it will load: MONAI Label loads
-    ``models/model.pt`` into the bundle's ``network_def`` after a user trained a smaller network from its UI.
+    ``models/model.pt`` into the bundle's ``network_def`` after a user trained a smaller network from its UI. The
+    training configs pass no path with ``--resume false``, whose run replaces those weights. A size other than
+    ``default`` is logged.
     """
     for path in [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else ckpt_paths:
         if os.path.isfile(path):
@@ -104,7 +108,10 @@ def checkpoint_feature_size(ckpt_paths: str | os.PathLike | list, default: int) 
                 raise PretrainedWeightsError(
                     f"{path}: no SwinUNETR patch embedding ({PATCH_EMBED_KEY}) in the checkpoint"
                 )
-            return int(tensors[PATCH_EMBED_KEY].shape[0])
+            size = int(tensors[PATCH_EMBED_KEY].shape[0])
+            if size != default:
+                logger.info("feature_size %d, that of %s (the bundle's is %d)", size, path, default)
+            return size
     return default
 
 
@@ -112,11 +119,11 @@ def load_pretrained_encoder(network: SwinUNETR, ckpt_path: str | None, adapt_in_
     """Return ``network`` with its encoder initialised from ``ckpt_path``; nothing is loaded when the path is empty.
 
     A config routes its network through this function so that one override (``--pretrained_ckpt PATH``) turns the
-    initialisation on.
+    initialisation on; the network's switches set as strings are read as booleans (:func:`network_flags`).
     """
     if ckpt_path:
         load_encoder_weights(network.swinViT, ckpt_path, adapt_in_channels)
-    return network
+    return network_flags(network)
 
 
 def _fit_input_channels(

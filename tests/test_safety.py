@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -17,9 +18,11 @@ import pytest
 import test_zoo
 import torch
 import zoo
-from conftest import REPO, write_ct_case
+from conftest import REPO, write_ct_case, write_msd_task
 from monai.networks.nets import SwinUNETR
-from test_robustness import TINY, bundle_copy, bundle_run, output
+from test_robustness import TASKS_FILE, TINY, bundle_copy, bundle_run, bundle_start, effects, output, probe
+
+from swin_unetr_kit.msd import task_settings
 
 
 @pytest.fixture(autouse=True)
@@ -155,3 +158,214 @@ def test_zoo_versions_with_a_pre_release_tag_are_ordered(tmp_path):
     assert zoo.lookup(str(index), "mine")[0] == "mine_v0.6.0rc1"
     result = zoo_install("mine", "--index", str(index), "--bundle_dir", str(tmp_path / "dest"))
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- 4. a tool's --out never deletes a folder it did not make ---------------------------------------------------------
+
+
+def run_tool(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python tools/<script> ...`` as a user types it, from ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / script), *args], cwd=cwd, capture_output=True, text=True, env=env
+    )
+
+
+@pytest.mark.parametrize("script", ["sample_data.py", "demo.py", "ssl_evidence.py"])
+def test_a_tools_out_refuses_a_folder_of_the_users(script, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    result = run_tool(script, "--out", str(mine), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{mine}: not empty and not made by this tool; pass --overwrite true or choose another --out" in (
+        result.stderr
+    )
+    assert (mine / "notes.txt").read_text() == "the user's"
+    checkout = tmp_path / "checkout"
+    (checkout / ".git").mkdir(parents=True)
+    result = run_tool(script, "--out", ".", "--overwrite", "true", cwd=checkout)
+    assert result.returncode != 0
+    assert f"{checkout}: holds the current folder or a git checkout; choose another --out" in result.stderr
+    assert (checkout / ".git").is_dir()
+
+
+# --- 5. tools/datalist.py keeps an existing datalist ------------------------------------------------------------------
+
+
+def test_datalist_tool_keeps_an_existing_datalist_and_its_keys(tmp_path):
+    data = tmp_path / "BTCV"
+    cases = [write_ct_case(data, f"case{i}", seed=i) for i in range(3)]
+    relative = [{k: os.path.relpath(v, data) for k, v in case.items()} for case in cases]
+    original = {"name": "BTCV", "labels": {"0": "background", "1": "spleen"}, "licence": "CC-BY-4.0"}
+    original |= {"modality": {"0": "CT"}, "numTraining": 3, "training": relative}
+    (data / "dataset_0.json").write_text(json.dumps(original))
+    before = (data / "dataset_0.json").read_text()
+    result = run_tool("datalist.py", str(data), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{data / 'dataset_0.json'}: exists; pass --overwrite true to replace it (its other keys are kept)" in (
+        result.stderr
+    )
+    assert (data / "dataset_0.json").read_text() == before
+    result = run_tool("datalist.py", str(data), "--overwrite", "true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    written = json.loads((data / "dataset_0.json").read_text())
+    assert {k: written[k] for k in ("name", "labels", "licence", "modality", "numTraining")} == {
+        k: original[k] for k in ("name", "labels", "licence", "modality", "numTraining")
+    }
+    assert len(written["training"]) + len(written["validation"]) == 3
+
+
+def test_datalist_tool_check_false_does_not_check(tmp_path):
+    data = tmp_path / "data"
+    case = [write_ct_case(data, f"case{i}", seed=i) for i in range(2)][0]
+    bad = np.full((48, 44, 40), 99, np.uint8)
+    nib.save(nib.Nifti1Image(bad, nib.load(case["image"]).affine), case["label"])
+    checked = run_tool("datalist.py", str(data), "--out", str(tmp_path / "a.json"), cwd=tmp_path)
+    assert checked.returncode != 0 and "label values [99] outside the 14 classes" in checked.stderr
+    unchecked = run_tool("datalist.py", str(data), "--out", str(tmp_path / "b.json"), "--check", "false", cwd=tmp_path)
+    assert unchecked.returncode == 0, unchecked.stderr[-2000:]
+
+
+# --- 7. the resume guard holds after a run stopped before its first save ----------------------------------------------
+
+
+def test_a_run_stopped_before_its_first_save_does_not_vouch_for_the_previous_checkpoint(tmp_path):
+    """seed 123 trains and saves; ``--seed 7 --resume false`` is stopped before it saves; ``--seed 7`` again must not
+    resume the seed-123 checkpoint as its own."""
+    task = "Task09_Spleen"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE))
+    msd = bundle_copy("swin_unetr_msd", tmp_path)
+    common = {"task": task, "dataset_dir": str(dataset), "num_folds": 2, "fold": 0, **TINY, "progress": "false"}
+    common.update({"train#trainer#max_epochs": 1, "val_interval": 10})
+    first = bundle_run(msd, ["configs/train.json"], **common)
+    assert first.returncode == 0, output(first)[-3000:]
+
+    stopped = bundle_start(msd, ["configs/train.json"], **common, seed=7, resume="false")
+    for line in stopped.stdout:  # the loader has attached: stop the run there, before any save
+        if "resume disabled: training starts afresh" in line:
+            stopped.kill()
+            break
+    stopped.communicate()
+    assert stopped.returncode == -signal.SIGKILL
+
+    again = bundle_run(msd, ["configs/train.json"], **common, seed=7)
+    assert again.returncode != 0
+    assert "latest.pt: this run was started with other settings (seed: 123 -> 7)" in output(again)
+    # 13: a new learning rate would be replaced by the checkpoint's optimizer state without a word
+    faster = bundle_run(msd, ["configs/train.json"], **common, learning_rate=0.001)
+    assert faster.returncode != 0
+    assert "latest.pt: this run was started with other settings (learning_rate: 0.0001 -> 0.001)" in output(faster)
+
+
+# --- 8. a fresh training builds the bundle's network, not that of the weights lying in the folder --------------------
+
+
+def test_a_fresh_training_does_not_take_the_feature_size_of_an_old_model(tmp_path):
+    data = tmp_path / "data"
+    for i in range(2):
+        write_ct_case(data, f"case{i}", seed=i)
+    bundle = btcv_with_model(tmp_path)  # an earlier run's feature_size 12 model.pt
+    report = probe(tmp_path, "size", "{'feature_size': @network_def#feature_size}")
+    configs = ["configs/train.json", report]
+    fresh = bundle_run(bundle, configs, dataset_dir=str(data), resume="false")
+    assert effects(fresh) == {"feature_size": 48}
+    continued = bundle_run(bundle, configs, dataset_dir=str(data))  # MONAI Label trains on from model.pt
+    assert effects(continued) == {"feature_size": 12}
+    assert "feature_size 12, that of ./models/model.pt (the bundle's is 48)" in output(continued)
+
+
+# --- 9. lower-case booleans inside the network component -------------------------------------------------------------
+
+SWITCHES = (
+    "sorted({(n, getattr(m, n)) for m in @network.modules() "
+    "for n in ('use_checkpoint', 'use_flash_attention') if hasattr(m, n)})"
+)
+
+
+@pytest.mark.parametrize("config", ["train", "inference"])
+def test_lower_case_false_inside_the_network_component_turns_the_switch_off(config, tmp_path):
+    data = tmp_path / "data"
+    for i in range(2):
+        write_ct_case(data, f"case{i}", seed=i)
+    bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
+    report = probe(tmp_path, "switches", "{'switches': " + SWITCHES + "}")
+    switches = {"network_def#use_checkpoint": "false", "network_def#use_flash_attention": "false"}
+    result = bundle_run(bundle, [f"configs/{config}.json", report], dataset_dir=str(data), **switches)
+    assert effects(result) == {"switches": [("use_checkpoint", False), ("use_flash_attention", False)]}
+    result = bundle_run(
+        bundle, [f"configs/{config}.json", report], dataset_dir=str(data), **{"network_def#use_checkpoint": "nope"}
+    )
+    assert result.returncode != 0 and "--network_def#use_checkpoint 'nope': not a boolean" in output(result)
+
+
+# --- 12. a validation label without foreground is left out, not scored ----------------------------------------------
+
+
+def test_a_validation_label_without_foreground_is_left_out_by_name(tmp_path):
+    data = tmp_path / "data"
+    cases = [write_ct_case(data, f"case{i}", seed=i) for i in range(3)]
+    empty = nib.load(cases[2]["label"])
+    nib.save(nib.Nifti1Image(np.zeros(empty.shape, np.uint8), empty.affine), cases[2]["label"])
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": cases[:1], "validation": cases[1:]}))
+    bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
+    report = probe(tmp_path, "cases", "{'validation': [c['label'] for c in @validate#dataset.data]}")
+    settings = {"dataset_dir": str(data), "datalist": str(datalist)}
+    result = bundle_run(bundle, ["configs/train.json", report], **settings)
+    assert effects(result) == {"validation": [cases[1]["label"]]}
+    assert f"{cases[2]['label']}: no foreground (every voxel 0), left out of the 'validation' cases" in output(result)
+    evaluation = probe(tmp_path, "eval", "{'evaluated': [c['label'] for c in @validate#dataset.data]}")
+    result = bundle_run(bundle, ["configs/train.json", "configs/evaluate.json", evaluation], **settings)
+    assert effects(result) == {"evaluated": [cases[1]["label"]]}
+
+
+# --- 11. SSL image discovery counts each CT once ----------------------------------------------------------------------
+
+
+def test_ssl_discovery_counts_each_ct_once_through_a_symlink_loop(tmp_path):
+    data = tmp_path / "unlabeled"
+    (data / "scans").mkdir(parents=True)
+    for i in range(2):
+        case = write_ct_case(tmp_path / "gen", f"ct{i}", seed=i)
+        shutil.copy(case["image"], data / "scans" / f"ct{i}.nii.gz")
+    (data / "scans" / "loop").symlink_to(data)  # a link back up: a loop
+    (data / "again.nii.gz").symlink_to(data / "scans" / "ct0.nii.gz")
+    bundle = bundle_copy("swin_unetr_ssl_pretrain", tmp_path)
+    report = probe(tmp_path, "images", "{'images': [c['image'] for c in @train#dataset.data + @validate#dataset.data]}")
+    result = bundle_run(bundle, ["configs/train.json", report], dataset_dir=str(data))
+    found = effects(result)["images"]
+    expected = [os.path.realpath(data / "scans" / f"ct{i}.nii.gz") for i in range(2)]
+    assert len(found) == 2 and sorted(os.path.realpath(p) for p in found) == expected
+
+
+# --- 13. settings and datalists that were silently ignored ------------------------------------------------------------
+
+
+def test_a_datalist_with_a_case_twice_or_in_both_parts_is_named(tmp_path):
+    data = tmp_path / "data"
+    cases = [write_ct_case(data, f"case{i}", seed=i) for i in range(2)]
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": [cases[0], cases[0], cases[1]], "validation": [cases[1]]}))
+    bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
+    report = probe(tmp_path, "cases", "{'training': len(@train#dataset.data)}")
+    result = bundle_run(bundle, ["configs/train.json", report], dataset_dir=str(data), datalist=str(datalist))
+    assert effects(result) == {"training": 3}
+    assert f"{datalist}: 1 images listed twice or more in 'training' (first: {cases[0]['image']})" in output(result)
+    assert f"{datalist}: 1 cases in both 'training' and 'validation' (first: {cases[1]['image']})" in output(result)
+
+
+def test_a_mistyped_setting_is_named_with_the_setting_meant(tmp_path):
+    bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
+    report = probe(tmp_path, "nothing", "{}")
+    typos = {"learning_rat": 0.001, "num_epochs": 5, "resum": "false", "seed": 3}
+    result = bundle_run(bundle, ["configs/train.json", report], **typos)
+    assert effects(result) == {}
+    files = f"configs/train.json, {report}"
+    for line in (
+        f"--learning_rat: no such setting in {files}; it changes nothing (did you mean --learning_rate?)",
+        f"--num_epochs: no such setting in {files}; it changes nothing",
+        f"--resum: no such setting in {files}; it changes nothing (did you mean --resume?)",
+    ):
+        assert line in output(result)
+    assert "--seed:" not in output(result)
