@@ -159,12 +159,27 @@ def read_datalist_file(path: str | os.PathLike, base_dir: str | os.PathLike | No
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON datalist ({exc})") from exc
+    if not isinstance(content, dict):
+        raise DataError(
+            f"{path}: a datalist is a JSON object of 'training'/'validation'/'test' lists, not a "
+            f"{type(content).__name__}"
+        )
     base = Path(base_dir) if base_dir else path.parent
-    return {
+    lists = {
         key: [_resolve(e, base) for e in value]
         for key, value in content.items()
         if key in ("training", "validation", "test") and isinstance(value, list)
     }
+    _require(lists, "image", ("training", "validation", "test"), path)
+    return lists
+
+
+def _require(lists: Mapping[str, Sequence[dict]], key: str, parts: Sequence[str], source: str | os.PathLike) -> None:
+    """Raise :class:`DataError` naming ``source`` and the first entry of ``parts`` without ``key``."""
+    for part in parts:
+        for number, entry in enumerate(lists.get(part, []), 1):
+            if key not in entry:
+                raise DataError(f"{source}: entry {number} of '{part}' has no '{key}' ({json.dumps(entry)})")
 
 
 def build_datalist(
@@ -200,6 +215,7 @@ def load_datalist(
     lists = build_datalist(dataset_dir, datalist_file, val_fraction, seed)
     cases = lists.get(split, [])
     source = datalist_file or dataset_dir
+    _require(lists, "label", ("training", "validation"), source)
     for line in overlap_problems(lists, source):
         if line not in _WARNED:  # once per process: training reads its data set for each split
             _WARNED.add(line)
@@ -280,9 +296,15 @@ def _header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
     return tuple(int(s) for s in data.shape[1:]), np.asarray(data.affine), int(data.shape[0])
 
 
-def _ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+def _ras(shape: tuple[int, ...], affine: np.ndarray, path: str = "the image") -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and affine of the same grid stored in RAS axis order, so that an image and a label that cover the same
-    voxels in another axis order or direction (as after DICOM to NIfTI conversion) compare equal."""
+    voxels in another axis order or direction (as after DICOM to NIfTI conversion) compare equal.
+
+    Raises:
+        DataError: a singular affine (a zero spacing or two parallel axes): no geometry to resample.
+    """
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{path}: its affine (voxel-to-world matrix) is singular or not finite: no usable geometry")
     transform = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
     ras_shape = [0, 0, 0]
     for axis, (new_axis, _) in enumerate(transform):
@@ -390,7 +412,9 @@ def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None,
         raise DataError(f"{image}: contains NaN or infinite values")
     if stats["min"] == stats["max"]:
         raise DataError(f"{image}: every voxel is {stats['min']:g} (a constant image, nothing to segment)")
-    ras_shape, ras_affine = _ras(shape, affine)  # extent and spacing per patient axis (x, y, z) for the domain check
+    ras_shape, ras_affine = _ras(
+        shape, affine, image
+    )  # extent and spacing per patient axis (x, y, z) for the domain check
     spacing = np.sqrt((ras_affine[:3, :3] ** 2).sum(0)).round(4).tolist()
     stats = {**stats, "shape": list(ras_shape), "spacing": spacing}
     label = case.get("label")
@@ -399,7 +423,10 @@ def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None,
     label_shape, label_affine, label_channels = _header(label)
     if label_channels != 1:
         raise DataError(f"{label}: a label map must have one channel, found {label_channels}")
-    (image_shape, image_affine), (label_shape, label_affine) = _ras(shape, affine), _ras(label_shape, label_affine)
+    (image_shape, image_affine), (label_shape, label_affine) = (
+        _ras(shape, affine),
+        _ras(label_shape, label_affine, label),
+    )
     if label_shape != image_shape:
         raise DataError(f"{label}: label shape {label_shape} differs from image shape {image_shape} ({image})")
     if not np.allclose(label_affine, image_affine, atol=AFFINE_TOLERANCE):
@@ -552,7 +579,28 @@ def output_root(
                 f"{target}: is an input and would be replaced by the prediction of {image}; choose another --output_dir"
             )
         written[target] = image
+    check_output_space(output_dir, images)
     return root
+
+
+def check_output_space(output_dir: str | os.PathLike, images: Sequence[str]) -> None:
+    """Before the network runs: ``output_dir`` (or the folder it will be made in) is writable and its file system has
+    room for a uint8 label map of each of ``images`` before compression, so that a full disk or a read-only folder is
+    an error naming the folder, not a run that ends with a truncated label map or none.
+
+    Raises:
+        DataError: naming the folder and the cause (with the free and the needed space).
+    """
+    folder = Path(output_dir).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot write there ({existing} is not a writable folder)")
+    needed = sum(int(np.prod(_header(image)[0])) for image in images)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise DataError(
+            f"{folder}: {free / 2**20:.2f} MB free, the label maps need up to {needed / 2**20:.2f} MB; free some space"
+        )
 
 
 def _input_paths(path: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -369,3 +370,74 @@ def test_a_mistyped_setting_is_named_with_the_setting_meant(tmp_path):
     ):
         assert line in output(result)
     assert "--seed:" not in output(result)
+
+
+# --- 6. a full disk or a read-only folder stops inference before the network runs ------------------------------------
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 1 MB tmpfs (root only; skipped elsewhere), unmounted afterwards."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_inference_onto_a_full_or_read_only_disk_stops_before_the_network(small_file_system, tmp_path):
+    bundle = btcv_with_model(tmp_path)
+    case = write_ct_case(tmp_path / "gen", "x")
+    filler = small_file_system / "filler"
+    filler.write_bytes(b"0" * (1024 * 1024 - 8192))  # about one page left
+    out = small_file_system / "out"
+    result = bundle_run(bundle, ["configs/inference.json"], input=case["image"], output_dir=str(out), **INFER)
+    assert result.returncode != 0
+    assert re.search(rf"{out}: 0\.0\d MB free, the label maps need up to 0\.08 MB; free some space", output(result))
+    assert not out.exists()
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_file_system)], check=True)
+    result = bundle_run(bundle, ["configs/inference.json"], input=case["image"], output_dir=str(out), **INFER)
+    assert result.returncode != 0
+    assert f"{out}: cannot write there ({small_file_system} is not a writable folder)" in output(result)
+
+
+# --- 15. errors that named no file or the wrong cause -----------------------------------------------------------------
+
+
+def test_bad_datalists_and_a_singular_affine_are_named_before_training(tmp_path):
+    data = tmp_path / "data"
+    cases = [write_ct_case(data, f"case{i}", seed=i) for i in range(2)]
+    bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
+    report = probe(tmp_path, "cases", "{'training': len(@train#dataset.data)}")
+    as_list, unlabelled = tmp_path / "list.json", tmp_path / "unlabelled.json"
+    as_list.write_text(json.dumps(cases))
+    unlabelled.write_text(json.dumps({"training": [{"image": cases[0]["image"]}], "validation": cases[1:]}))
+    expected = {
+        as_list: f"{as_list}: a datalist is a JSON object of 'training'/'validation'/'test' lists, not a list",
+        unlabelled: f"""{unlabelled}: entry 1 of 'training' has no 'label' ({{"image": "{cases[0]["image"]}"}})""",
+    }
+    for datalist, message in expected.items():
+        result = bundle_run(bundle, ["configs/train.json", report], dataset_dir=str(data), datalist=str(datalist))
+        assert result.returncode != 0 and message in output(result)
+    image = nib.load(cases[0]["image"])
+    flat = image.affine.copy()
+    flat[2, 2] = 0.0  # a zero spacing
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), flat), cases[0]["image"])
+    result = bundle_run(bundle, ["configs/train.json", report], dataset_dir=str(data))
+    assert result.returncode != 0
+    assert f"{cases[0]['image']}: its affine (voxel-to-world matrix) is singular or not finite" in output(result)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x8f random bytes \x00\x17"])
+def test_an_empty_or_random_model_is_named(content, tmp_path):
+    bundle = btcv_with_model(tmp_path)
+    (bundle / "models" / "model.pt").write_bytes(content)
+    case = write_ct_case(tmp_path / "gen", "x")
+    result = bundle_run(
+        bundle, ["configs/inference.json"], input=case["image"], output_dir=str(tmp_path / "o"), **INFER
+    )
+    assert result.returncode != 0
+    assert "./models/model.pt: cannot be read as a PyTorch checkpoint (" in output(result)
+    assert "mmap can only be used" not in output(result)
