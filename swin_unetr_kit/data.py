@@ -394,6 +394,51 @@ def scan_volume(path: str, values: bool = False, cache: dict | None = None) -> d
     return stats
 
 
+def check_dicom_series(folder: str | os.PathLike) -> None:
+    """Check that the slices of a DICOM series folder are whole and evenly spaced along the slice normal: ITK reads a
+    series with a missing or a repeated slice onto a regular grid of the wrong spacing (it says so only on stderr)
+    and fills a truncated slice's missing pixels.
+
+    Raises:
+        DataError: naming the folder and the file or the position of the truncated, repeated or missing slice.
+    """
+    import pydicom  # only where DICOM is read
+
+    positions = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            position = np.asarray(ds.ImagePositionPatient, dtype=float)
+            orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+            expected = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8
+        except Exception as exc:  # not a DICOM image slice: the ITK read names what it cannot read
+            logger.debug("%s: no slice geometry read (%s)", path, exc)
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise DataError(f"{folder}: slice {path.name} is truncated or corrupt ({exc})") from exc
+        if "PixelData" not in ds:  # pydicom stops at a cut pixel data element and leaves it out
+            raise DataError(f"{folder}: slice {path.name} is truncated (its pixel data ends early)")
+        stored = expected if ds.file_meta.TransferSyntaxUID.is_compressed else len(ds.PixelData)
+        if stored < expected:
+            raise DataError(f"{folder}: slice {path.name} is truncated ({stored} of {expected} pixel bytes)")
+        positions.append((float(position @ np.cross(orientation[:3], orientation[3:])), path.name))
+    if len(positions) < 3:
+        return
+    positions.sort()
+    steps = np.diff([z for z, _ in positions])
+    spacing = float(np.median(steps))
+    for (z, name), step in zip(positions[1:], steps, strict=True):
+        if step < 1e-3 * max(spacing, 1e-3):
+            raise DataError(f"{folder}: slice {name} repeats the position {z:.2f} mm of another slice")
+        if abs(step - spacing) > 0.1 * spacing:
+            raise DataError(
+                f"{folder}: {step:.2f} mm between the slices at {z - step:.2f} and {z:.2f} mm where the series has "
+                f"{spacing:.2f} mm: a slice is missing"
+            )
+
+
 def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None, cache: dict | None = None) -> dict:
     """Check that a case's files exist and can be read to the last voxel, that the image has ``in_channels`` channels,
     holds no NaN/Inf and is not constant, and that the label has the image's geometry and values in
@@ -404,6 +449,8 @@ def check_case(case: dict, in_channels: int = 1, num_classes: int | None = None,
         DataError: naming the file and the problem.
     """
     image = case["image"]
+    if os.path.isdir(image):
+        check_dicom_series(image)
     shape, affine, channels = _header(image)
     if channels != in_channels:
         raise DataError(f"{image}: has {channels} channels, the network expects {in_channels}")
@@ -534,9 +581,9 @@ def inference_inputs(
     if not paths:
         raise DataError(f"{inputs}: no images or DICOM series to predict")
     cases = [{"image": p} for p in paths]
+    check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
     if output_dir is not None:
         output_root(cases, output_dir)
-    check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
     return cases
 
 

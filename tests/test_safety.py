@@ -441,3 +441,34 @@ def test_an_empty_or_random_model_is_named(content, tmp_path):
     assert result.returncode != 0
     assert "./models/model.pt: cannot be read as a PyTorch checkpoint (" in output(result)
     assert "mmap can only be used" not in output(result)
+
+
+# --- 10. a DICOM series with a missing, repeated or truncated slice is named ------------------------------------------
+
+
+def _drop(series: Path) -> str:
+    sorted(series.iterdir())[10].unlink()
+    return "mm where the series has 2.00 mm: a slice is missing"
+
+
+def _repeat(series: Path) -> str:
+    shutil.copy(sorted(series.iterdir())[5], series / "copy")
+    return "slice copy repeats the position"
+
+
+def _truncate(series: Path) -> str:
+    victim = sorted(series.iterdir())[7]
+    victim.write_bytes(victim.read_bytes()[:-5000])
+    return f"slice {victim.name} is truncated (its pixel data ends early)"
+
+
+@pytest.mark.parametrize("damage", [_drop, _repeat, _truncate])
+def test_a_damaged_dicom_series_is_named_before_inference(damage, sample_dataset, tmp_path):
+    bundle = btcv_with_model(tmp_path)
+    series = Path(shutil.copytree(sample_dataset / "imagesTs" / "ts_slab_dicom", tmp_path / "series"))
+    message = damage(series)
+    out = tmp_path / "out"
+    result = bundle_run(bundle, ["configs/inference.json"], input=str(series), output_dir=str(out), **INFER)
+    assert result.returncode != 0
+    assert f"{series}: " in output(result) and message in output(result)
+    assert not out.exists()
