@@ -107,7 +107,7 @@ def prepare(out: str | None = None, overwrite: bool | str = False) -> str:
     marker = out_dir / ".complete"
     if marker.is_file() and marker.read_text() == VERSION:
         return str(out_dir)
-    check_output_dir(out_dir, flag(overwrite, "overwrite"), marker=marker.name)
+    check_output_dir(out_dir, out is None or flag(overwrite, "overwrite"), marker=marker.name)  # the cache is ours
     sdist = fetch_sdist()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".partial_", dir=out_dir.parent))
