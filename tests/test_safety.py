@@ -472,3 +472,10 @@ def test_a_damaged_dicom_series_is_named_before_inference(damage, sample_dataset
     assert result.returncode != 0
     assert f"{series}: " in output(result) and message in output(result)
     assert not out.exists()
+
+
+def test_a_fold_that_is_not_a_number_is_named(tmp_path):
+    msd = bundle_copy("swin_unetr_msd", tmp_path)
+    report = probe(tmp_path, "run", "{'run': @run_name}")
+    result = bundle_run(msd, ["configs/train.json", report], task="Task09_Spleen", fold="one")
+    assert result.returncode != 0 and "--fold 'one': not a whole number" in output(result)
