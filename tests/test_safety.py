@@ -479,3 +479,18 @@ def test_a_fold_that_is_not_a_number_is_named(tmp_path):
     report = probe(tmp_path, "run", "{'run': @run_name}")
     result = bundle_run(msd, ["configs/train.json", report], task="Task09_Spleen", fold="one")
     assert result.returncode != 0 and "--fold 'one': not a whole number" in output(result)
+
+
+def test_evaluation_of_a_file_with_a_comma_in_its_name_completes(tmp_path):
+    data = tmp_path / "data"
+    cases = [write_ct_case(data, "case0"), write_ct_case(data, "a,b", seed=1)]
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"training": cases[:1], "validation": cases[1:]}))
+    bundle = btcv_with_model(tmp_path)
+    settings = {"dataset_dir": str(data), "datalist": str(datalist), "num_overlays": 0, **INFER}
+    result = bundle_run(bundle, ["configs/train.json", "configs/evaluate.json"], **settings)
+    assert result.returncode == 0, output(result)[-3000:]
+    report = json.loads((bundle / "eval" / "metrics.json").read_text())
+    (case,) = report["per_case"]
+    assert case.endswith("a,b.nii.gz") and report["per_case"][case]["dice"]
+    assert (bundle / "eval" / "predictions" / "a,b_seg.nii.gz").is_file()
