@@ -423,7 +423,7 @@ def test_bad_datalists_and_a_singular_affine_are_named_before_training(tmp_path)
         assert result.returncode != 0 and message in output(result)
     image = nib.load(cases[0]["image"])
     flat = image.affine.copy()
-    flat[2, 2] = 0.0  # a zero spacing
+    flat[:3, 2] = flat[:3, 0]  # the third axis along the first: no volume
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj), flat), cases[0]["image"])
     result = bundle_run(bundle, ["configs/train.json", report], dataset_dir=str(data))
     assert result.returncode != 0
