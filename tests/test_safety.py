@@ -432,12 +432,11 @@ def test_bad_datalists_and_a_singular_affine_are_named_before_training(tmp_path)
 
 @pytest.mark.parametrize("content", [b"", b"\x8f random bytes \x00\x17"])
 def test_an_empty_or_random_model_is_named(content, tmp_path):
+    """The network's size is read from ``models/model.pt`` (see item 8) before anything else looks at the file."""
     bundle = btcv_with_model(tmp_path)
     (bundle / "models" / "model.pt").write_bytes(content)
-    case = write_ct_case(tmp_path / "gen", "x")
-    result = bundle_run(
-        bundle, ["configs/inference.json"], input=case["image"], output_dir=str(tmp_path / "o"), **INFER
-    )
+    report = probe(tmp_path, "size", "{'feature_size': @network_def#feature_size}")
+    result = bundle_run(bundle, ["configs/train.json", report])
     assert result.returncode != 0
     assert "./models/model.pt: cannot be read as a PyTorch checkpoint (" in output(result)
     assert "mmap can only be used" not in output(result)
