@@ -6,9 +6,11 @@ over the target, which is atomic on POSIX file systems, and can keep the interva
 (``latest.pt``). :class:`ResumeCheckpointLoader` loads that file when it exists and does nothing otherwise, so one
 training config serves both the first run and every resumed one.
 
-A run is the folder its checkpoints live in. :class:`ResumeCheckpointLoader` keeps the settings that define the run
-(data, split, seed, network) in ``run_settings.json`` beside them, and resumes only a run whose settings equal the new
-command's; it also removes the partial files (``.tmp_*.pt``) a process killed while saving left in that folder.
+A run is the folder its checkpoints live in. :class:`AtomicCheckpointSaver` writes the settings that define the run
+(data, split, seed, network) to ``run_settings.json`` beside the interval checkpoint each time it saves it, so the
+record always describes the checkpoint there (a run stopped before its first save leaves the previous run's record and
+checkpoint together), and :class:`ResumeCheckpointLoader` resumes only a run whose settings equal the new command's; it
+also removes the partial files (``.tmp_*.pt``) a process killed while saving left in that folder.
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ def read_run_settings(folder: str | os.PathLike) -> dict | None:
 
 
 def changed_settings(saved: Mapping, current: Mapping) -> dict[str, tuple]:
-    """``{name: (saved value, current value)}`` for every setting that differs between two records."""
+    """``{name: (saved value, current value)}`` for every setting that differs between two records; a setting the
+    saved record lacks (one written before the setting was recorded) is not compared."""
     saved, current = _comparable(saved), _comparable(current)
-    names = sorted(set(saved) | set(current))
+    names = sorted(set(saved))
     return {k: (saved.get(k), current.get(k)) for k in names if saved.get(k) != current.get(k)}
 
 
@@ -100,17 +103,27 @@ def atomic_torch_save(obj: object, path: str) -> None:
 
 
 class AtomicDiskSaver:
-    """ignite save handler: atomic writes, optionally always to the same ``filename``."""
+    """ignite save handler: atomic writes, optionally always to the same ``filename``, followed by the
+    ``run_settings`` that describe the checkpoint (:func:`write_run_settings`) where given."""
 
-    def __init__(self, dirname: str, filename: str | None = None, copy_to: str | None = None) -> None:
+    def __init__(
+        self,
+        dirname: str,
+        filename: str | None = None,
+        copy_to: str | None = None,
+        run_settings: Mapping | None = None,
+    ) -> None:
         self.dirname = dirname
         self.filename = filename
         self.copy_to = copy_to
+        self.run_settings = run_settings
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         atomic_torch_save(checkpoint, os.path.join(self.dirname, self.filename or filename))
         if self.copy_to:
             atomic_torch_save(checkpoint, self.copy_to)
+        if self.run_settings is not None:
+            write_run_settings(self.dirname, self.run_settings)
 
     def remove(self, filename: str) -> None:
         if self.filename is not None:  # a fixed name was just overwritten by the newer checkpoint: keep it
@@ -128,6 +141,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             the interval checkpoints keep MONAI's numbered names.
         key_metric_copy: a second path the best model is written to at the same time, such as the ``models/model.pt``
             that MONAI Label serves when the bundle keeps its own per-task folders; None for none.
+        run_settings: the settings that define the run, written to ``run_settings.json`` after every interval
+            checkpoint (what :class:`ResumeCheckpointLoader` compares before resuming it); None for none.
         other args: as ``CheckpointSaver``.
 
     Under ``torch.distributed`` only rank 0 attaches, so only rank 0 writes.
@@ -142,6 +157,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         save_dict: dict,
         interval_filename: str | None = None,
         key_metric_copy: str | None = None,
+        run_settings: Mapping | None = None,
         **kwargs,
     ) -> None:
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
@@ -154,7 +170,8 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, attr)
             if checkpoint is not None:
                 copy_to = key_metric_copy if attr == "_key_metric_checkpoint" else None
-                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename, copy_to)
+                settings = run_settings if attr == "_interval_checkpoint" else None
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename, copy_to, settings)
 
     def attach(self, engine: Engine) -> None:
         if idist.get_rank() != 0:
@@ -196,8 +213,8 @@ class ResumeCheckpointLoader(RecordedCheckpointLoader):
         load_path: the interval checkpoint; its folder is the run's folder.
         load_dict: the objects to restore.
         enabled: False starts afresh whatever is in the folder.
-        settings: what defines the run (data, split, seeds, network): recorded in ``run_settings.json`` in the run's
-            folder at every start, and compared with the record before resuming.
+        settings: what defines the run (data, split, seeds, network): compared with the ``run_settings.json`` that
+            :class:`AtomicCheckpointSaver` wrote with the checkpoint before resuming it.
         resume_despite_changes: resume although the recorded settings differ from ``settings`` (logged).
         kwargs: as ``CheckpointLoader``.
 
@@ -234,8 +251,6 @@ class ResumeCheckpointLoader(RecordedCheckpointLoader):
             self._check_same_run(folder)
             super().attach(engine)
             engine.add_event_handler(Events.STARTED, self._report)
-        if self.settings is not None and idist.get_rank() == 0:
-            write_run_settings(folder, self.settings)
 
     def _check_same_run(self, folder: str) -> None:
         saved = read_run_settings(folder)

@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -33,7 +35,7 @@ import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
 from monai.data import load_decathlon_datalist, partition_dataset
-from monai.data.utils import affine_to_spacing
+from monai.data.utils import affine_to_spacing, create_file_basename
 from monai.transforms import LoadImage, MapTransform, Spacingd
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 # affines of an image and its label may differ by float rounding, not by geometry (mm / direction cosines)
 AFFINE_TOLERANCE = 1e-3
 _WARNED: set[str] = set()  # domain warnings already logged by this process
+OUTPUT_MARKER = ".swin_unetr_output"  # in every --out folder the tools make: a folder they may replace on a rerun
 
 
 class DataError(ValueError):
@@ -155,12 +158,27 @@ def read_datalist_file(path: str | os.PathLike, base_dir: str | os.PathLike | No
         content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: not a readable JSON datalist ({exc})") from exc
+    if not isinstance(content, dict):
+        raise DataError(
+            f"{path}: a datalist is a JSON object of 'training'/'validation'/'test' lists, not a "
+            f"{type(content).__name__}"
+        )
     base = Path(base_dir) if base_dir else path.parent
-    return {  # (MONAI's reader indexes a list's first entry, so an empty list is read here)
+    lists = {  # (MONAI's reader indexes a list's first entry, so an empty list is read here)
         key: load_decathlon_datalist(path, True, key, base) if content[key] else []
         for key in ("training", "validation", "test")
         if isinstance(content.get(key), list)
     }
+    _require(lists, "image", ("training", "validation", "test"), path)
+    return lists
+
+
+def _require(lists: Mapping[str, Sequence[dict]], key: str, parts: Sequence[str], source: str | os.PathLike) -> None:
+    """Raise :class:`DataError` naming ``source`` and the first entry of ``parts`` without ``key``."""
+    for part in parts:
+        for number, entry in enumerate(lists.get(part, []), 1):
+            if key not in entry:
+                raise DataError(f"{source}: entry {number} of '{part}' has no '{key}' ({json.dumps(entry)})")
 
 
 def build_datalist(
@@ -196,6 +214,11 @@ def load_datalist(
     lists = build_datalist(dataset_dir, datalist_file, val_fraction, seed)
     cases = lists.get(split, [])
     source = datalist_file or dataset_dir
+    _require(lists, "label", ("training", "validation"), source)
+    for line in overlap_problems(lists, source):
+        if line not in _WARNED:  # once per process: training reads its data set for each split
+            _WARNED.add(line)
+            logger.warning(line)
     if not cases:
         raise DataError(
             f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})"
@@ -206,8 +229,47 @@ def load_datalist(
         check_cases(
             checked, in_channels=in_channels, num_classes=num_classes, domain=domain, strict_domain=strict_domain
         )
+        if split != "training":
+            cases = _with_foreground(cases, source, split)
     logger.info("%s: %d '%s' cases", source, len(cases), split)
     return cases
+
+
+def _with_foreground(cases: Sequence[dict], source: str | os.PathLike, split: str) -> list[dict]:
+    """``cases`` without those whose label holds no foreground (every voxel 0), each left out with a warning: their
+    Dice is 0 or undefined and their HD95 meaningless, so a score over them is wrong (read from the check's cache).
+
+    Raises:
+        DataError: no case of ``split`` has foreground.
+    """
+    kept = []
+    for case in cases:
+        label = case.get("label")
+        if label is not None and not any(scan_volume(label, values=True)["values"]):
+            logger.warning("%s: no foreground (every voxel 0), left out of the '%s' cases", label, split)
+            continue
+        kept.append(case)
+    if not kept:
+        raise DataError(f"{source}: no '{split}' case has foreground in its label")
+    return kept
+
+
+def overlap_problems(lists: Mapping[str, Sequence[dict]], source: str | os.PathLike) -> list[str]:
+    """What a user would not knowingly put in a datalist: an image listed twice in one part, or in both
+    ``training`` and ``validation`` (the validation score is then not of unseen data), one line each."""
+    images = {part: [os.path.realpath(str(c["image"])) for c in lists.get(part, [])] for part in lists}
+    problems = []
+    for part, paths in images.items():
+        repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
+        if repeated:
+            problems.append(f"{source}: {len(repeated)} images listed twice or more in '{part}' (first: {repeated[0]})")
+    shared = sorted(set(images.get("training", [])) & set(images.get("validation", [])))
+    if shared:
+        problems.append(
+            f"{source}: {len(shared)} cases in both 'training' and 'validation' (first: {shared[0]}); the validation "
+            "score is not of unseen data"
+        )
+    return problems
 
 
 def _header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
@@ -233,9 +295,15 @@ def _header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
     return tuple(int(s) for s in data.shape[1:]), np.asarray(data.affine), int(data.shape[0])
 
 
-def _ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+def _ras(shape: tuple[int, ...], affine: np.ndarray, path: str = "the image") -> tuple[tuple[int, ...], np.ndarray]:
     """Shape and affine of the same grid stored in RAS axis order, so that an image and a label that cover the same
-    voxels in another axis order or direction (as after DICOM to NIfTI conversion) compare equal."""
+    voxels in another axis order or direction (as after DICOM to NIfTI conversion) compare equal.
+
+    Raises:
+        DataError: a singular affine (a zero spacing or two parallel axes): no geometry to resample.
+    """
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise DataError(f"{path}: its affine (voxel-to-world matrix) is singular or not finite: no usable geometry")
     transform = nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt("RAS"))
     ras_shape = [0, 0, 0]
     for axis, (new_axis, _) in enumerate(transform):
@@ -339,6 +407,51 @@ def remember_scan(
     return stats
 
 
+def check_dicom_series(folder: str | os.PathLike) -> None:
+    """Check that the slices of a DICOM series folder are whole and evenly spaced along the slice normal: ITK reads a
+    series with a missing or a repeated slice onto a regular grid of the wrong spacing (it says so only on stderr)
+    and fills a truncated slice's missing pixels.
+
+    Raises:
+        DataError: naming the folder and the file or the position of the truncated, repeated or missing slice.
+    """
+    import pydicom  # only where DICOM is read
+
+    positions = []
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            position = np.asarray(ds.ImagePositionPatient, dtype=float)
+            orientation = np.asarray(ds.ImageOrientationPatient, dtype=float)
+            expected = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * int(ds.BitsAllocated) // 8
+        except Exception as exc:  # not a DICOM image slice: the ITK read names what it cannot read
+            logger.debug("%s: no slice geometry read (%s)", path, exc)
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:
+            raise DataError(f"{folder}: slice {path.name} is truncated or corrupt ({exc})") from exc
+        if "PixelData" not in ds:  # pydicom stops at a cut pixel data element and leaves it out
+            raise DataError(f"{folder}: slice {path.name} is truncated (its pixel data ends early)")
+        stored = expected if ds.file_meta.TransferSyntaxUID.is_compressed else len(ds.PixelData)
+        if stored < expected:
+            raise DataError(f"{folder}: slice {path.name} is truncated ({stored} of {expected} pixel bytes)")
+        positions.append((float(position @ np.cross(orientation[:3], orientation[3:])), path.name))
+    if len(positions) < 3:
+        return
+    positions.sort()
+    steps = np.diff([z for z, _ in positions])
+    spacing = float(np.median(steps))
+    for (z, name), step in zip(positions[1:], steps, strict=True):
+        if step < 1e-3 * max(spacing, 1e-3):
+            raise DataError(f"{folder}: slice {name} repeats the position {z:.2f} mm of another slice")
+        if abs(step - spacing) > 0.1 * spacing:
+            raise DataError(
+                f"{folder}: {step:.2f} mm between the slices at {z - step:.2f} and {z:.2f} mm where the series has "
+                f"{spacing:.2f} mm: a slice is missing"
+            )
+
+
 def channel_files(image: str | os.PathLike | Sequence[str]) -> list[str]:
     """The files of an image: one (3D, or 4D with the channels last), or one per channel (nnU-Net's raw layout)."""
     return [str(image)] if isinstance(image, (str, os.PathLike)) else [str(f) for f in image]
@@ -351,7 +464,10 @@ def image_header(image: str | os.PathLike | Sequence[str]) -> tuple[tuple[int, .
     shape, affine, channels = _header(files[0])
     for other in files[1:]:
         other_shape, other_affine, other_channels = _header(other)
-        (ras_shape, ras_affine), (o_shape, o_affine) = _ras(shape, affine), _ras(other_shape, other_affine)
+        (ras_shape, ras_affine), (o_shape, o_affine) = (
+            _ras(shape, affine, files[0]),
+            _ras(other_shape, other_affine, other),
+        )
         if o_shape != ras_shape or not np.allclose(o_affine, ras_affine, atol=AFFINE_TOLERANCE):
             raise DataError(f"{other}: channel file geometry differs from {files[0]}'s (shape {other_shape}, {shape})")
         channels += other_channels
@@ -370,6 +486,8 @@ def check_case(
         DataError: naming the file and the problem.
     """
     files = channel_files(case["image"])
+    if len(files) == 1 and os.path.isdir(files[0]):
+        check_dicom_series(files[0])
     shape, affine, channels = image_header(files)
     image = files[0] if len(files) == 1 else f"{files[0]} (+{len(files) - 1} channel files)"
     if channels != in_channels:
@@ -379,7 +497,8 @@ def check_case(
         label_shape, label_affine, label_channels = _header(label)
         if label_channels != 1:
             raise DataError(f"{label}: a label map must have one channel, found {label_channels}")
-        (image_shape, image_affine), (label_shape, label_affine) = _ras(shape, affine), _ras(label_shape, label_affine)
+        image_shape, image_affine = _ras(shape, affine, image)
+        label_shape, label_affine = _ras(label_shape, label_affine, label)
         if label_shape != image_shape:
             raise DataError(f"{label}: label shape {label_shape} differs from image shape {image_shape} ({image})")
         if not np.allclose(label_affine, image_affine, atol=AFFINE_TOLERANCE):
@@ -387,7 +506,9 @@ def check_case(
                 f"{label}: label geometry (origin, spacing or direction) differs from the image's ({image}); "
                 "resample the label onto the image"
             )
-    ras_shape, ras_affine = _ras(shape, affine)  # extent and spacing per patient axis (x, y, z) for the domain check
+    ras_shape, ras_affine = _ras(
+        shape, affine, image
+    )  # extent and spacing per patient axis (x, y, z) for the domain check
     spacing = affine_to_spacing(ras_affine, r=3).round(4).tolist()
     if not scan:
         return {"shape": list(ras_shape), "spacing": spacing}
@@ -489,25 +610,99 @@ def inference_inputs(
     in_channels: int = 1,
     domain: Mapping | None = None,
     strict_domain: bool = False,
+    output_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Cases to predict from a file, a DICOM series folder, a folder of both, a datalist json or a list of paths,
-    every one checked by :func:`check_cases` before anything is predicted or written.
+    every one checked by :func:`check_cases` before anything is predicted or written, and, given the ``output_dir``
+    of a ``SaveImaged`` rooted at :func:`input_root`, each with an output file of its own that is not an input
+    (:func:`output_root`).
 
     Raises:
         DataError: nothing to predict, or inputs that cannot be read, hold NaN/Inf, are constant or have the wrong
-            channel count (all of them in one message).
+            channel count (all of them in one message), or outputs that would collide or replace an input.
     """
-    if isinstance(inputs, (str, os.PathLike)):
-        paths = _input_paths(Path(inputs))
-    else:  # paths, or lists of channel files
-        paths = [p if isinstance(p, (list, tuple)) else str(p) for p in inputs]
+    paths = _inference_paths(inputs)
     if in_channels > 1:
         paths = group_channel_files(paths)
     if not paths:
         raise DataError(f"{inputs}: no images or DICOM series to predict")
     cases = [{"image": p} for p in paths]
     check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
+    if output_dir is not None:
+        output_root(cases, output_dir)
     return cases
+
+
+def input_root(inputs: str | os.PathLike | Sequence[str]) -> str:
+    """The folder the images of :func:`inference_inputs` have in common: the ``data_root_dir`` of the bundles'
+    ``SaveImaged``. Reads only file names; "" where the inputs cannot be listed (``inference_inputs`` says why)."""
+    try:
+        paths = _inference_paths(inputs)
+    except DataError:
+        return ""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(channel_files(p)[0])) for p in paths]) if paths else ""
+
+
+def _inference_paths(inputs: str | os.PathLike | Sequence[str]) -> list:
+    """The paths :func:`inference_inputs` predicts: files or DICOM folders, or lists of channel files."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return _input_paths(Path(inputs))
+    return [p if isinstance(p, (list, tuple)) else str(p) for p in inputs]
+
+
+def output_root(
+    cases: Sequence[Mapping], output_dir: str | os.PathLike, postfix: str = "seg", suffix: str = ".nii.gz"
+) -> str:
+    """The ``data_root_dir`` for ``SaveImaged`` (with ``separate_folder=False``) that gives each case of ``cases`` its
+    own output file under ``output_dir``: the folder the images have in common, so that ``p1/img.nii.gz`` and
+    ``p2/img.nii.gz`` are written to ``p1/img_seg.nii.gz`` and ``p2/img_seg.nii.gz`` rather than one over the other.
+
+    Raises:
+        DataError: two inputs that would still be written to the same file (``img.nii`` and ``img.nii.gz``), or an
+            output that would replace one of the inputs (images or labels), before anything is predicted.
+    """
+    images = [os.path.abspath(channel_files(case["image"])[0]) for case in cases]  # SaveImaged names by the first
+    root = os.path.commonpath([os.path.dirname(image) for image in images]) if images else ""
+    inputs = {
+        os.path.realpath(f)
+        for case in cases
+        for key in ("image", "label")
+        if case.get(key)
+        for f in channel_files(case[key])
+    }
+    written: dict[str, str] = {}
+    for image in images:
+        base = create_file_basename(postfix, image, os.path.abspath(output_dir), root, False, makedirs=False)
+        target = base + suffix
+        if target in written:
+            raise DataError(f"{image}: would be written to {target} like {written[target]}; rename one of them")
+        if os.path.realpath(target) in inputs:
+            raise DataError(
+                f"{target}: is an input and would be replaced by the prediction of {image}; choose another --output_dir"
+            )
+        written[target] = image
+    check_output_space(output_dir, images)
+    return root
+
+
+def check_output_space(output_dir: str | os.PathLike, images: Sequence[str]) -> None:
+    """Before the network runs: ``output_dir`` (or the folder it will be made in) is writable and its file system has
+    room for a uint8 label map of each of ``images`` before compression, so that a full disk or a read-only folder is
+    an error naming the folder, not a run that ends with a truncated label map or none.
+
+    Raises:
+        DataError: naming the folder and the cause (with the free and the needed space).
+    """
+    folder = Path(output_dir).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{folder}: cannot write there ({existing} is not a writable folder)")
+    needed = sum(int(np.prod(_header(image)[0])) for image in images)
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise DataError(
+            f"{folder}: {free / 2**20:.2f} MB free, the label maps need up to {needed / 2**20:.2f} MB; free some space"
+        )
 
 
 def _input_paths(path: Path) -> list[str]:
@@ -547,10 +742,16 @@ def _is_dicom_series(folder: Path) -> bool:
     )
 
 
-def find_images(source: str | os.PathLike) -> list[str]:
+def find_images(source: str | os.PathLike, _visited: set[str] | None = None) -> list[str]:
     """Every image in ``source`` for unlabelled use: a datalist's images (all parts), a data set's image folders
-    (never its label folders), a DICOM series folder, an image file, or any folder searched recursively."""
+    (never its label folders), a DICOM series folder, an image file, or any folder searched recursively (each
+    folder once, however many symbolic links lead to it, so a link loop cannot count one CT many times)."""
     path = Path(source)
+    visited = set() if _visited is None else _visited
+    if path.is_dir():
+        if os.path.realpath(path) in visited:
+            return []
+        visited.add(os.path.realpath(path))
     if not path.exists():
         raise DataError(f"{path}: not found")
     if path.suffix == ".json":
@@ -565,7 +766,7 @@ def find_images(source: str | os.PathLike) -> list[str]:
             return list_images(path / images_dir) + list_images(path / test_dir)
     found = []
     for item in list_images(path):
-        found += find_images(item) if Path(item).is_dir() else [item]
+        found += find_images(item, visited) if Path(item).is_dir() else [item]
     return found
 
 
@@ -581,7 +782,8 @@ def load_unlabeled(
 ) -> list[dict]:
     """One split of the unlabelled images of one or many ``sources`` (see :func:`find_images`), seeded and checked."""
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
-    images = sorted({image for source in sources for image in find_images(source)})
+    found = {os.path.realpath(image): image for source in sources for image in find_images(source)}
+    images = sorted(found.values())  # one entry per file, whatever links lead to it
     cases = split_cases([{"image": image} for image in images], val_fraction, seed).get(split, [])
     if not cases:
         raise DataError(f"{', '.join(map(str, sources))}: no images for the '{split}' split ({len(images)} found)")
@@ -591,6 +793,36 @@ def load_unlabeled(
         )
     logger.info("%d '%s' images from %d sources", len(cases), split, len(sources))
     return cases
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool = False, marker: str = OUTPUT_MARKER) -> Path:
+    """Refuse to replace the folder ``path`` (a tool's ``--out``) unless it is absent or empty, was made by one of the
+    project's tools (it holds ``marker``) or ``overwrite`` is set; never one that holds the current folder or a git
+    checkout. Returns its absolute path.
+
+    Raises:
+        DataError: naming the folder and what would be lost.
+    """
+    folder = Path(path).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file, not an output folder; choose another --out")
+    if not folder.is_dir() or not any(folder.iterdir()) or (folder / marker).is_file():
+        return folder
+    if Path.cwd().resolve().is_relative_to(folder) or (folder / ".git").exists():
+        raise DataError(f"{folder}: holds the current folder or a git checkout; choose another --out")
+    if not overwrite:
+        raise DataError(f"{folder}: not empty and not made by this tool; pass --overwrite true or choose another --out")
+    return folder
+
+
+def replace_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Empty the output folder ``path`` (after :func:`check_output_dir`) and mark it as the project's own."""
+    folder = check_output_dir(path, overwrite)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / OUTPUT_MARKER).write_text("made by a swin_unetr_kit tool; replaced when the tool runs again\n")
+    return folder
 
 
 class WarnIfNotCTd(MapTransform):

@@ -78,8 +78,11 @@ class OriginalLabeld(MapTransform):
 
 
 def _read_csv(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
+    """Rows of a MetricsSaver file: its first column (a case's file name) is written unquoted, so a comma in a file
+    name is told apart from the separators by the header's column count."""
+    lines = path.read_text().splitlines()
+    columns = len(lines[0].split(",")) if lines else 0
+    return [line.rsplit(",", columns - 1) for line in lines if line]
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> None:

@@ -318,6 +318,9 @@ def run_name(fold: int = 0, num_folds: int = 5, label_fraction: float = 1.0, spl
     Raises:
         ValueError: a fold or fraction that names no run (checked here, before any folder is made).
     """
+    for name, value in (("fold", fold), ("num_folds", num_folds)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"--{name} {value!r}: not a whole number")
     if num_folds < 2 or not 0 <= fold < num_folds:
         raise ValueError(f"fold {fold} of {num_folds}: fold must be in 0..num_folds - 1 and num_folds at least 2")
     if not 0.0 < label_fraction <= 1.0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from monai.networks.nets import SwinUNETR
 from monai.networks.nets.swin_unetr import PatchMergingV2
 from monai.networks.utils import copy_model_state
+
+from swin_unetr_kit.settings import network_flags
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +95,50 @@ def encoder_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     return {_normalise_key(k): v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
 
+def _read_checkpoint(path: str, mmap: bool = False) -> object:
+    """The tensors of the checkpoint at ``path`` (``weights_only``: no pickled code runs), memory-mapped where asked
+    and the file is in torch's zip format.
+
+    Raises:
+        PretrainedWeightsError: a file that is no PyTorch checkpoint (empty, random bytes, a pickle of objects).
+    """
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not torch's zip format: read it whole, which says what it is
+            pass
+    if os.path.getsize(path) == 0:
+        raise PretrainedWeightsError(f"{path}: cannot be read as a PyTorch checkpoint (an empty file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's message is a page about weights_only; this is what it means
+        raise PretrainedWeightsError(
+            f"{path}: cannot be read as a PyTorch checkpoint (no tensors file, or one holding Python objects, which "
+            "are not loaded)"
+        ) from exc
+    except Exception as exc:
+        raise PretrainedWeightsError(f"{path}: cannot be read as a PyTorch checkpoint ({exc})") from exc
+
+
 def checkpoint_feature_size(ckpt_paths: str | os.PathLike | list, default: int) -> int:
     """The ``feature_size`` of the SwinUNETR stored in the first of ``ckpt_paths`` that exists, else ``default``.
 
     A config builds its network with this so that it always fits the weights it will load: MONAI Label loads
-    ``models/model.pt`` into the bundle's ``network_def`` after a user trained a smaller network from its UI.
+    ``models/model.pt`` into the bundle's ``network_def`` after a user trained a smaller network from its UI. The
+    training configs pass no path with ``--resume false``, whose run replaces those weights. A size other than
+    ``default`` is logged.
     """
     for path in [ckpt_paths] if isinstance(ckpt_paths, (str, os.PathLike)) else ckpt_paths:
         if os.path.isfile(path):
-            tensors = encoder_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+            tensors = encoder_state_dict(_read_checkpoint(str(path), mmap=True))
             if PATCH_EMBED_KEY not in tensors:
                 raise PretrainedWeightsError(
                     f"{path}: no SwinUNETR patch embedding ({PATCH_EMBED_KEY}) in the checkpoint"
                 )
-            return int(tensors[PATCH_EMBED_KEY].shape[0])
+            size = int(tensors[PATCH_EMBED_KEY].shape[0])
+            if size != default:
+                logger.info("feature_size %d, that of %s (the bundle's is %d)", size, path, default)
+            return size
     return default
 
 
@@ -113,11 +146,11 @@ def load_pretrained_encoder(network: SwinUNETR, ckpt_path: str | None, adapt_in_
     """Return ``network`` with its encoder initialised from ``ckpt_path``; nothing is loaded when the path is empty.
 
     A config routes its network through this function so that one override (``--pretrained_ckpt PATH``) turns the
-    initialisation on.
+    initialisation on; the network's switches set as strings are read as booleans (:func:`network_flags`).
     """
     if ckpt_path:
         load_encoder_weights(network.swinViT, ckpt_path, adapt_in_channels)
-    return network
+    return network_flags(network)
 
 
 def _fit_input_channels(
@@ -164,10 +197,7 @@ def load_encoder_weights(encoder: torch.nn.Module, ckpt_path: str, adapt_in_chan
     """
     if not os.path.isfile(ckpt_path):
         raise PretrainedWeightsError(f"{ckpt_path}: pretrained checkpoint not found")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PretrainedWeightsError(f"{ckpt_path}: cannot be read as a PyTorch checkpoint ({exc})") from exc
+    checkpoint = _read_checkpoint(ckpt_path)
     if not isinstance(checkpoint, Mapping):
         raise PretrainedWeightsError(f"{ckpt_path}: expected a dict of tensors, found {type(checkpoint).__name__}")
 

@@ -2,10 +2,29 @@
 
 ``python -m monai.bundle run --resume false`` hands the config the *string* ``'false'`` (fire turns only Python's
 ``False`` into a bool), and a non-empty string is true. The configs therefore read every boolean setting through
-:func:`flag`, which accepts the spellings people type and refuses anything else by name.
+:func:`flag`, which accepts the spellings people type and refuses anything else by name; the network's own switches,
+set inside the component (``--network_def#use_checkpoint false``), through :func:`network_flags`.
 """
 
 from __future__ import annotations
+
+import ast
+import difflib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+from monai.bundle import ConfigParser
+
+logger = logging.getLogger(__name__)
+
+# the arguments of ``python -m monai.bundle run`` that are not config settings
+BUNDLE_RUN_ARGUMENTS = ("config_file", "meta_file", "logging_file", "run_id", "init_id", "final_id", "workflow_type")
+BUNDLE_RUN_ARGUMENTS += ("properties_path", "args_file", "tracking")
+# SwinUNETR's switches that its modules keep as attributes and read only when they run
+NETWORK_FLAGS = ("use_checkpoint", "use_flash_attention")
 
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
@@ -39,3 +58,42 @@ def optional_flag(value: object, name: str) -> bool | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
         return None
     return flag(value, name)
+
+
+def network_flags(network: torch.nn.Module, component: str = "network_def") -> torch.nn.Module:
+    """``network`` with the switches of :data:`NETWORK_FLAGS` that reached its modules as strings (``'false'`` is a
+    true string) read through :func:`flag`, so that ``--network_def#use_checkpoint false`` turns checkpointing off."""
+    for module in network.modules():
+        for name in NETWORK_FLAGS:
+            value = getattr(module, name, None)
+            if isinstance(value, str):
+                setattr(module, name, flag(value, f"{component}#{name}"))
+    return network
+
+
+def unknown_settings(argv: Sequence[str] | None = None) -> list[str]:
+    """Warn about each ``--name`` of a ``python -m monai.bundle run`` command line (``argv``, default ``sys.argv``)
+    whose top-level part is no setting of its config files: MONAI adds such an override as a new, unused entry, so
+    ``--learning_rat 1e-3`` or ``--num_epochs 5`` would change nothing without a word. A warning rather than an error,
+    as one command line often serves training and inference, whose configs differ. Returns the warnings."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or not argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")) or argv[1] != "run":
+        return []
+    names = [a[2:].split("=", 1)[0] for a in argv[2:] if a.startswith("--") and len(a) > 2]
+    values = {a[2:].split("=", 1)[0]: a.split("=", 1)[1] for a in argv[2:] if a.startswith("--") and "=" in a}
+    for index, arg in enumerate(argv[:-1]):
+        if arg.startswith("--") and "=" not in arg:
+            values.setdefault(arg[2:], argv[index + 1])
+    files = values.get("config_file", "")
+    files = ast.literal_eval(files) if files.strip().startswith("[") else [files]
+    known = set(ConfigParser.load_config_files(files))
+    warnings = []
+    for name in names:
+        top = name.split("#", 1)[0]
+        if top in known or top in BUNDLE_RUN_ARGUMENTS:
+            continue
+        close = difflib.get_close_matches(top, known, n=1, cutoff=0.7)
+        hint = f" (did you mean --{close[0]}?)" if close else ""
+        warnings.append(f"--{name}: no such setting in {', '.join(files)}; it changes nothing{hint}")
+        logger.warning(warnings[-1])
+    return warnings

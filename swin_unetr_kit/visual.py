@@ -17,6 +17,7 @@ from ignite.engine import Engine, Events
 from matplotlib import colormaps
 from matplotlib.figure import Figure  # a bare Figure renders to files without pyplot or a display
 from matplotlib.patches import Patch
+from monai.data.utils import create_file_basename
 from monai.handlers import MetricLogger
 from monai.utils.jupyter_utils import plot_metric_graph
 from monai.visualize import blend_images
@@ -161,7 +162,9 @@ def _class_name(value: int, class_names: Sequence[str]) -> str:
 
 class CaseOverlays:
     """Save PNG overlays of the first ``num_cases`` evaluated cases (image, ground truth, prediction on the slice with
-    the most labelled voxels) into ``output_dir``, named after each case's image file.
+    the most labelled voxels) into ``output_dir``, named after each case's image file; below ``data_root_dir`` (see
+    :func:`swin_unetr_kit.data.output_root`) images keep their sub-folders, so that cases of the same name do not
+    share one PNG.
 
     Reads the evaluator's decollated output after post-processing: ``image`` and ``pred`` (and ``label`` when there is
     one) in the same, resampled, geometry, as labels or one-hot. ``class_names`` name labels 1, 2, ... in the legend.
@@ -175,9 +178,11 @@ class CaseOverlays:
         pred_key: str = "pred",
         label_key: str = "label",
         class_names: Sequence[str] = (),
+        data_root_dir: str = "",
     ) -> None:
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
+        self.data_root_dir = data_root_dir
         self.num_cases = num_cases
         self.image_key, self.pred_key, self.label_key = image_key, pred_key, label_key
         self.saved = 0
@@ -204,7 +209,7 @@ class CaseOverlays:
                 self.saved = self.num_cases
                 return
             source = getattr(image, "meta", {}).get("filename_or_obj", f"case{self.saved}")
-            name = Path(str(source)).name.split(".")[0] or f"case{self.saved}"
-            figure = overlay_figure(image, pred, item.get(self.label_key), name, self.class_names)
-            save_figure(figure, self.output_dir / f"{name}.png")
+            path = create_file_basename("", str(source), self.output_dir, self.data_root_dir, False, makedirs=False)
+            figure = overlay_figure(image, pred, item.get(self.label_key), Path(path).name, self.class_names)
+            save_figure(figure, Path(f"{path}.png"))
             self.saved += 1

@@ -6,7 +6,7 @@ train on, and a 20-slice DICOM series of another patient to predict. The organ l
 predictions, and a few minutes of CPU training on one volume is a smoke check that the pipeline works end to end on
 real data, not a validation of the model: the report says so.
 
-Usage: python tools/demo.py [--out demo_output] [--epochs 200]
+Usage: python tools/demo.py [--out demo_output] [--epochs 200] [--overwrite true]
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ import numpy as np  # noqa: E402
 import sample_data  # noqa: E402
 from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation  # noqa: E402
 
+from swin_unetr_kit.data import replace_output_dir  # noqa: E402
 from swin_unetr_kit.runtime import tcmalloc_env  # noqa: E402
+from swin_unetr_kit.settings import flag  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "swin_unetr_btcv_seg" / "configs"
@@ -224,12 +226,11 @@ def _dice_rows(metrics_json: Path) -> dict[str, float | None]:
     return {organ: row["mean"] for organ, row in summary.items()}
 
 
-def main(out: str = "demo_output", epochs: int = EPOCHS) -> None:
-    """Run the demo into ``out`` (replaced) and print where the report is."""
+def main(out: str = "demo_output", epochs: int = EPOCHS, overwrite: bool | str = False) -> None:
+    """Run the demo into ``out`` (replaced when a previous demo made it; another non-empty folder only with
+    ``--overwrite true``) and print where the report is."""
     started = time.perf_counter()
-    out_dir = Path(out).resolve()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    out_dir = replace_output_dir(out, flag(overwrite, "overwrite"))
     data = Path(sample_data.prepare())
     print(f"sample CT ready in {data}")
     common = {**SMALL, "bundle_root": str(out_dir), "dataset_dir": str(data)}

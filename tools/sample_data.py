@@ -12,7 +12,7 @@ renumbered to BTCV's 13 organs (the esophagus is not in these organ maps' field 
 
 The organ maps are a model's predictions, not manual annotation: good for smoke checks, not for benchmarks.
 
-Usage: python tools/sample_data.py [--out DIR]
+Usage: python tools/sample_data.py [--out DIR] [--overwrite true]
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ import fire
 import nibabel as nib
 import numpy as np
 from monai.apps.utils import check_hash
+
+from swin_unetr_kit.data import check_output_dir
+from swin_unetr_kit.settings import flag
 
 PACKAGE = "totalsegmentator"
 VERSION = "2.18.0"
@@ -92,12 +95,14 @@ def remap_labels(src: Path, dst: Path) -> dict[int, int]:
     return {i: int((labels == i).sum()) for i in range(1, 14)}
 
 
-def prepare(out: str | None = None) -> str:
-    """Build the sample data set (idempotent) and return its folder."""
+def prepare(out: str | None = None, overwrite: bool | str = False) -> str:
+    """Build the sample data set (idempotent) and return its folder; a non-empty ``out`` that an earlier call did
+    not make is refused unless ``--overwrite true``."""
     out_dir = Path(out) if out else cache_dir() / "btcv_sample"
     marker = out_dir / ".complete"
     if marker.is_file() and marker.read_text() == VERSION:
         return str(out_dir)
+    check_output_dir(out_dir, out is None or flag(overwrite, "overwrite"), marker=marker.name)  # the cache is ours
     sdist = fetch_sdist()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".partial_", dir=out_dir.parent))

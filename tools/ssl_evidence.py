@@ -4,7 +4,7 @@ Runs ``bundles/swin_unetr_ssl_pretrain`` through MONAI's bundle runner (override
 ``tools/sample_data.py`` (training crops from the torso CT, validation on the other patient's DICOM series), then reads
 the TensorBoard scalars the bundle wrote and saves ``learning_curve.png`` and ``learning_evidence.json``.
 
-Usage: python tools/ssl_evidence.py [--steps 200] [--val_interval 40] [--out ssl_evidence] [--docs]
+Usage: python tools/ssl_evidence.py [--steps 200] [--val_interval 40] [--out ssl_evidence] [--docs] [--overwrite true]
 (--docs also copies the figure and the numbers into bundles/swin_unetr_ssl_pretrain/docs/)
 """
 
@@ -26,6 +26,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import sample_data  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from swin_unetr_kit.data import replace_output_dir  # noqa: E402
+from swin_unetr_kit.settings import flag  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
@@ -51,10 +54,16 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def main(steps: int = 200, val_interval: int = 40, out: str = "ssl_evidence", docs: bool = False) -> None:
-    """Pre-train for ``steps`` iterations, validating every ``val_interval``; write the figure and the numbers."""
-    out_dir = Path(out).resolve()
-    shutil.rmtree(out_dir, ignore_errors=True)
+def main(
+    steps: int = 200,
+    val_interval: int = 40,
+    out: str = "ssl_evidence",
+    docs: bool = False,
+    overwrite: bool | str = False,
+) -> None:
+    """Pre-train for ``steps`` iterations, validating every ``val_interval``; write the figure and the numbers into
+    ``out`` (replaced when a previous run made it; another non-empty folder only with ``--overwrite true``)."""
+    out_dir = replace_output_dir(out, flag(overwrite, "overwrite"))
     data = sample_data.prepare()
     overrides = {
         **SMALL,
@@ -69,7 +78,6 @@ def main(steps: int = 200, val_interval: int = 40, out: str = "ssl_evidence", do
     for key, value in overrides.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     print("$ python " + " ".join(cmd[1:]), flush=True)
-    out_dir.mkdir(parents=True)
     start = time.perf_counter()
     with open(out_dir / "train.log", "w") as log:
         subprocess.run(

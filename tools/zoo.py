@@ -31,12 +31,14 @@ Usage (from the repository root):
     python tools/zoo.py package --out zoo/                          # every bundle, index in zoo/model_info.json
     python tools/zoo.py package --out zoo/ --weights "{'swin_unetr_btcv_seg': 'runs/btcv/models/model.pt'}"
     python tools/zoo.py install swin_unetr_btcv_seg --index zoo/model_info.json --bundle_dir models/
+    (an existing install is refused unless ``--overwrite true``)
     python tools/zoo.py export --out pr/models                      # the bundle folders of a model-zoo pull request
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -48,6 +50,7 @@ from urllib.request import url2pathname
 
 import fire
 import yaml
+from packaging.version import InvalidVersion, Version
 
 from swin_unetr_kit.record import file_hash
 from swin_unetr_kit.settings import flag
@@ -166,33 +169,54 @@ def package(out: str = "zoo", weights: Mapping[str, str] | None = None, base_url
     (out_dir / "model_info.json").write_text(json.dumps(index, indent=4) + "\n")
 
 
+def _version_key(version: str, index: str) -> Version:
+    try:
+        return Version(version)
+    except InvalidVersion as exc:
+        raise ZooError(f"{index}: {version!r} is not a version (as in 0.5.2 or 0.6.0rc1)") from exc
+
+
 def lookup(index: str, name: str, version: str | None = None) -> tuple[str, dict]:
-    """The index entry of ``name`` at ``version`` (default: the highest version listed)."""
+    """The index entry of ``name`` at ``version`` (default: the highest version listed, by PEP 440's order)."""
     entries = json.loads(Path(index).read_text())
     versions = {key.rsplit("_v", 1)[1]: key for key in entries if key.rsplit("_v", 1)[0] == name}
     if not versions:
         raise ZooError(f"{index}: no bundle named {name!r} (listed: {sorted(entries)})")
     if version is None:
-        version = max(versions, key=lambda v: tuple(int(p) for p in v.split(".")))
+        version = max(versions, key=lambda v: _version_key(v, index))
     if version not in versions:
         raise ZooError(f"{index}: {name} has no version {version} (listed: {sorted(versions)})")
     return versions[version], entries[versions[version]]
 
 
 def install(
-    name: str, index: str, bundle_dir: str = ".", version: str | None = None, large_files: bool | str = True
+    name: str,
+    index: str,
+    bundle_dir: str = ".",
+    version: str | None = None,
+    large_files: bool | str = True,
+    overwrite: bool | str = False,
 ) -> str:
     """Fetch ``name`` from the zoo described by ``index``, check its checksum, extract it into ``bundle_dir`` with
     MONAI's extraction (which refuses members that escape the folder) and fetch the files its ``large_files.yml``
     lists (MONAI checks their hashes; ``--large_files false`` leaves them, for machines without the internet, where
-    the weights come another way). Returns the installed bundle's path."""
+    the weights come another way). Returns the installed bundle's path.
+
+    The zip is extracted into a temporary folder beside the target and moved into place only when it holds exactly
+    the bundle's ``<name>/`` folder, so a refused archive leaves nothing behind. An existing, non-empty
+    ``<bundle_dir>/<name>`` (and the ``models/model.pt`` trained in it) is refused unless ``--overwrite true``, as
+    MONAI's own ``download`` leaves a non-empty folder alone."""
     from monai.apps.utils import check_hash, download_url, extractall
     from monai.bundle import download_large_files
 
     key, entry = lookup(index, name, version)
+    installed = Path(bundle_dir) / name
+    if installed.is_dir() and any(installed.iterdir()) and not flag(overwrite, "overwrite"):
+        raise ZooError(f"{installed}: already installed (not empty); pass --overwrite true to replace it")
+    installed.parent.mkdir(parents=True, exist_ok=True)
     # download, check, extract as three calls: MONAI's download_and_extract cannot read the local zoo's file:// URLs
     # (it probes the file type with requests)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(prefix=".tmp_", dir=bundle_dir) as staging:
         local = Path(tmp) / f"{key}.zip"
         if urlparse(entry["source"]).scheme == "file":
             local.write_bytes(Path(url2pathname(urlparse(entry["source"]).path)).read_bytes())
@@ -201,8 +225,13 @@ def install(
         if not check_hash(str(local), entry["checksum"], "sha256"):
             found, expected = sha256(local), entry["checksum"]
             raise ZooError(f"{entry['source']}: checksum {found} does not match the index's {expected}")
-        extractall(filepath=local, output_dir=bundle_dir, has_base=True)
-    installed = Path(bundle_dir) / name
+        extractall(filepath=local, output_dir=staging, has_base=True)
+        top = sorted(p.name for p in Path(staging).iterdir())
+        if top != [name]:
+            raise ZooError(f"{entry['source']}: holds {top}, expected one folder {name}/; nothing installed")
+        if installed.exists():
+            shutil.rmtree(installed)
+        os.replace(Path(staging) / name, installed)
     if (installed / "large_files.yml").is_file():
         if flag(large_files, "large_files"):
             download_large_files(bundle_path=str(installed))
