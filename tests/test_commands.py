@@ -189,3 +189,34 @@ def test_swinmm_runs_write_to_folders_of_their_own(synthetic_dataset, tmp_path):
     own = msd / "eval" / task / "fold0of3" / "swinmm"
     assert list(own.glob("events.out.tfevents*")) and (own / "training_curves.png").is_file()
     assert list((msd / "predictions" / task / "fold0of3" / "swinmm").rglob("*.nii.gz"))
+
+
+def test_torchrun_with_more_processes_than_validation_cases_says_what_to_do(synthetic_dataset, tmp_path):
+    """``torchrun --nproc_per_node 2`` over one validation case (the sample data's split): every process must score a
+    case, so the run stops at once with the bundle's message, which says what to change, as its last line."""
+    data = json.loads((synthetic_dataset / "dataset_0.json").read_text())
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, root)
+    (root / "dataset_0.json").write_text(
+        json.dumps({"training": data["training"], "validation": data["validation"][:1]})
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29620"]
+    cmd += [
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+    ]
+    cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**SMALL, **ONE_STEP}.items()]
+    cmd += ["--dataset_dir", str(root)]
+    result = subprocess.run(cmd, cwd=fresh_copy(BTCV_BUNDLE, tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    message = (
+        "swin_unetr_kit.data.DataError: 1 validation case(s) for 2 processes, and each process scores at least one: "
+        "run torchrun with --nproc_per_node 1 or fewer, or make the validation split larger"
+    )
+    for rank in (0, 1):  # torchrun prefixes each process's lines: the message is the last of both
+        lines = [line for line in result.stderr.splitlines() if line.startswith(f"[rank{rank}]:") and line[8:].strip()]
+        assert lines[-1] == f"[rank{rank}]: {message}", result.stderr[-3000:]
