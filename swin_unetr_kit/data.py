@@ -31,10 +31,11 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
-from monai.data import load_decathlon_datalist, partition_dataset
+from monai.data import DistributedSampler, load_decathlon_datalist, partition_dataset
 from monai.data.utils import affine_to_spacing, create_file_basename
 from monai.transforms import LoadImage, MapTransform, Spacingd
 
@@ -903,3 +904,17 @@ class CheckLabeld(MapTransform):
                     f"{name}: label values {shown} outside the {self.num_classes} classes 0..{self.num_classes - 1}"
                 )
         return d
+
+
+def validation_sampler(dataset: Sequence, shuffle: bool = False) -> DistributedSampler:
+    """MONAI's ``DistributedSampler`` over the validation cases, each scored once (``even_divisible`` false, so no case
+    is repeated and the metrics stay those of the split). Every process must hold a case for the metrics' gathering,
+    so fewer cases than processes is an error saying what to do rather than MONAI's "dataset length is less than the
+    number of participating ranks"."""
+    processes = idist.get_world_size()
+    if len(dataset) < processes:
+        raise DataError(
+            f"{len(dataset)} validation case(s) for {processes} processes, and each process scores at least one: run "
+            f"torchrun with --nproc_per_node {max(len(dataset), 1)} or fewer, or make the validation split larger"
+        )
+    return DistributedSampler(dataset, even_divisible=False, shuffle=shuffle)

@@ -157,3 +157,66 @@ def test_msd_from_another_folder_with_bundle_root_elsewhere_and_its_own_task_tab
         (tmp_path / "bundles" / MSD_BUNDLE.name / "models" / task / "fold0of3" / "metadata.json").read_text()
     )
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "milt"
+
+
+def test_swinmm_runs_write_to_folders_of_their_own(synthetic_dataset, tmp_path):
+    """The README's SwinMM commands (``configs/swinmm.json`` over training and inference) in the BTCV and MSD bundle
+    folders: TensorBoard events, curves, evaluation and predictions go to folders of their own, nothing to the plain
+    run's (whose files a SwinMM run would otherwise replace or mix with its own), nor to the model MONAI Label
+    serves."""
+    btcv = fresh_copy(BTCV_BUNDLE, tmp_path)
+    small = {**SMALL, "dataset_dir": str(synthetic_dataset)}
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    bundle_run(btcv, "training", "--config_file", "['configs/train.json','configs/swinmm.json']", **small, **ONE_STEP)
+    bundle_run(btcv, "evaluating", "--config_file", "['configs/inference.json','configs/swinmm.json']", **inference)
+    assert sorted(p.name for p in (btcv / "eval").iterdir()) == ["swinmm"]  # the plain run's folder stays empty
+    own = btcv / "eval" / "swinmm"
+    assert list(own.glob("events.out.tfevents*")) and (own / "training_curves.png").is_file()
+    assert (own / "test0_seg.nii.gz").is_file()
+
+    msd = fresh_copy(MSD_BUNDLE, tmp_path)
+    task = "Task09_Spleen"
+    dataset = write_msd_task(tmp_path / "msd", task, task_settings(task, MSD_BUNDLE / "configs" / "tasks.json"), 3)
+    small = {k: v for k, v in SMALL.items() if k != "pixdim"} | {"dataset_dir": str(dataset), "num_folds": 3}
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    bundle_run(msd, "training", "--config_file", "['configs/train.json','configs/swinmm.json']", **small, **ONE_STEP)
+    bundle_run(msd, "evaluating", "--config_file", "['configs/inference.json','configs/swinmm.json']", **inference)
+    for kind in ("models", "eval", "predictions"):  # each holds the SwinMM run's folder only
+        assert sorted(p.relative_to(msd / kind).as_posix() for p in (msd / kind).glob("*/*/*") if p.is_dir()) == [
+            f"{task}/fold0of3/swinmm"
+        ], kind
+    assert not (msd / "models" / "model.pt").exists()  # MONAI Label serves plain SwinUNETR weights from there
+    own = msd / "eval" / task / "fold0of3" / "swinmm"
+    assert list(own.glob("events.out.tfevents*")) and (own / "training_curves.png").is_file()
+    assert list((msd / "predictions" / task / "fold0of3" / "swinmm").rglob("*.nii.gz"))
+
+
+def test_torchrun_with_more_processes_than_validation_cases_says_what_to_do(synthetic_dataset, tmp_path):
+    """``torchrun --nproc_per_node 2`` over one validation case (the sample data's split): every process must score a
+    case, so the run stops at once with the bundle's message, which says what to change, as its last line."""
+    data = json.loads((synthetic_dataset / "dataset_0.json").read_text())
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, root)
+    (root / "dataset_0.json").write_text(
+        json.dumps({"training": data["training"], "validation": data["validation"][:1]})
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29620"]
+    cmd += [
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+    ]
+    cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**SMALL, **ONE_STEP}.items()]
+    cmd += ["--dataset_dir", str(root)]
+    result = subprocess.run(cmd, cwd=fresh_copy(BTCV_BUNDLE, tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    message = (
+        "swin_unetr_kit.data.DataError: 1 validation case(s) for 2 processes, and each process scores at least one: "
+        "run torchrun with --nproc_per_node 1 or fewer, or make the validation split larger"
+    )
+    for rank in (0, 1):  # torchrun prefixes each process's lines: the message is the last of both
+        lines = [line for line in result.stderr.splitlines() if line.startswith(f"[rank{rank}]:") and line[8:].strip()]
+        assert lines[-1] == f"[rank{rank}]: {message}", result.stderr[-3000:]

@@ -514,7 +514,7 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     assert saved["network_record"]["network"]["class"] == "CrossViewSwinUNETR"
 
     run_workflow(configs("train", "evaluate", "swinmm"), workflow_type="infer", **common)
-    report = json.loads((tmp_path / "seg" / "eval" / "metrics.json").read_text())
+    report = json.loads((tmp_path / "seg" / "eval" / "swinmm" / "metrics.json").read_text())
     assert len(report["per_case"]) == 2
     inference = run_workflow(
         configs("inference", "swinmm"),
@@ -525,7 +525,7 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     parser = inference.parser
     assert isinstance(parser.get_parsed_content("inferer"), MultiViewSlidingWindowInferer)
     assert parser.get_parsed_content("network").view_pairs == [(0, 1), (1, 2), (2, 0)]
-    out = nib.load(tmp_path / "seg" / "eval" / "test0_seg.nii.gz")
+    out = nib.load(tmp_path / "seg" / "eval" / "swinmm" / "test0_seg.nii.gz")
     assert out.shape == nib.load(synthetic_dataset / "imagesTs" / "test0.nii.gz").shape
     assert set(np.unique(np.asarray(out.dataobj))) <= set(range(14))
 
