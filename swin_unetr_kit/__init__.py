@@ -3,13 +3,27 @@
 Bundles reach them from their configs as ``swin_unetr_kit.<module>.<name>``.
 """
 
-from swin_unetr_kit import checkpoint, cpu_inference, data, metrics, msd, pretrained, record, runtime, settings
+from swin_unetr_kit import (
+    checkpoint,
+    cpu_inference,
+    data,
+    data_record,
+    metrics,
+    monailabel,
+    msd,
+    pretrained,
+    record,
+    runtime,
+    settings,
+)
 
 __all__ = [
     "checkpoint",
     "cpu_inference",
     "data",
+    "data_record",
     "metrics",
+    "monailabel",
     "msd",
     "pretrained",
     "record",

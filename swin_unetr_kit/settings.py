@@ -39,3 +39,27 @@ def optional_flag(value: object, name: str) -> bool | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
         return None
     return flag(value, name)
+
+
+WINDOW_MULTIPLE = 32  # SwinUNETR halves its input five times
+
+
+def window_edge(value: object, name: str = "roi_edge") -> int:
+    """The edge of a cubic sliding window or training crop, checked before any data is read: SwinUNETR takes only
+    multiples of 32 (five halvings).
+
+    Raises:
+        ValueError: not a positive multiple of 32, naming the setting and the nearest sizes it takes.
+    """
+    try:
+        edge = int(value)
+        exact = edge == float(value)
+    except (TypeError, ValueError):
+        edge, exact = 0, False
+    if not exact or edge <= 0 or edge % WINDOW_MULTIPLE:
+        below = max(WINDOW_MULTIPLE, edge // WINDOW_MULTIPLE * WINDOW_MULTIPLE)
+        raise ValueError(
+            f"{name} {value!r}: the window's edge must be a positive multiple of {WINDOW_MULTIPLE} (SwinUNETR halves "
+            f"it five times), e.g. {below} or {below + WINDOW_MULTIPLE}"
+        )
+    return edge
