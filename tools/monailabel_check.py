@@ -319,13 +319,13 @@ def train(base: str, bundle: Path, params: dict, what: str) -> dict:
     result = {
         "seconds": round(time.time() - t, 1),
         "model_pt_replaced": digest(model_pt) not in (None, before),
-        "epochs_run": trainer.get("epoch"),
+        "epochs_run": trainer["iteration"] // trainer["epoch_length"] if trainer else None,
         "recorded_roi_size": record.get("roi_size"),
         "recorded_pixdim": record.get("pixdim"),
     }
     result["passed"] = (
         result["model_pt_replaced"]
-        and trainer.get("epoch") == params["max_epochs"]
+        and result["epochs_run"] == params["max_epochs"]
         and record.get("roi_size") == [float(params["roi_edge"])] * 3
     )
     log(f"{what}: {result}")
