@@ -82,3 +82,10 @@ def setting(record: Mapping, name: str, configured: object, source: str) -> obje
     if _plain(trained) != _plain(configured):
         logger.warning("%s: %s %s, as the model was trained (the config says %s)", source, name, trained, configured)
     return trained
+
+
+def summary(feature_size: int, roi_size: Sequence[float], pixdim: Sequence[float], intensity: object) -> str:
+    """One line saying what is served, for MONAI Label's ``/info`` (the bundle's description names its defaults)."""
+    window = "x".join(str(int(v)) for v in roi_size)
+    voxels = "x".join(f"{float(v):g}" for v in pixdim)
+    return f"feature_size {feature_size}, {window} windows, {voxels} mm voxels, intensity {_plain(intensity)}"

@@ -83,7 +83,14 @@ def test_bundle_infer_task_contract(bundle, num_labels, synthetic_dataset, tmp_p
     assert patch_merging_order(network) == "legacy"  # built in the order the record names
 
     displayable = parser.get_parsed_content("displayable_configs", instantiate=True)
-    assert set(displayable) == {"sw_batch_size", "sw_overlap", "num_views", "result_extension", "result_dtype"}
+    assert set(displayable) == {
+        "sw_batch_size",
+        "sw_overlap",
+        "num_views",
+        "result_extension",
+        "result_dtype",
+        "served",
+    }
     # BasicInferTask starts every request from these: a DICOM series (a folder, no extension to copy) is written as
     # NIfTI, and label maps as uint8, unless the client asks otherwise
     assert (displayable["result_extension"], displayable["result_dtype"]) == (".nii.gz", "uint8")
@@ -392,3 +399,6 @@ def test_a_model_is_served_at_the_settings_it_was_trained_at(bundle, tmp_path, c
     configured = "[1.5, 1.5, 2.0]" if bundle == BTCV_BUNDLE else "[0.79, 0.79, 1.6]"
     assert f"pixdim [6.0, 6.0, 6.0], as the model was trained (the config says {configured})" in caplog.text
     assert "trained with the labels ['background', 'x']" in caplog.text
+    # /info shows the infer task's options, displayable_configs among them: what is served, not the defaults
+    served = parser.get_parsed_content("displayable_configs", instantiate=True)["served"]
+    assert served == "feature_size 12, 64x64x64 windows, 6x6x6 mm voxels, intensity " + str(trained["intensity"])
