@@ -26,6 +26,7 @@ Usage (from the repository root, in the project's environment):
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -96,6 +97,8 @@ def request(
             return response.read()
     except urllib.error.HTTPError as e:
         raise CheckError(f"{url}: HTTP {e.code} {e.read()[-2000:].decode(errors='replace')}") from e
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as e:
+        raise CheckError(f"{url}: no answer ({e}); the server log says why (a server killed for memory: dmesg)") from e
 
 
 def multipart(fields: dict[str, str], files: list[tuple[str, Path]]) -> tuple[bytes, dict]:
@@ -236,8 +239,8 @@ def main(work: str | None = None, venv: str | None = None, port: int = 8765, kee
             options.update(tracking="None", model_filename="model.pt", val_split=0.5, max_epochs=1)
             checks["train_first"] = train(base, btcv, options, "first /train, no model.pt before")
             checks["train_again"] = train(base, btcv, options, "second /train, the same options")
-            changed = {**options, "num_samples": 2, "roi_edge": 96}
-            checks["train_changed_options"] = train(base, btcv, changed, "/train with num_samples 2, roi_edge 96")
+            changed = {**options, "num_samples": 2, "roi_edge": 32}
+            checks["train_changed_options"] = train(base, btcv, changed, "/train with num_samples 2, roi_edge 32")
             checks["train_refused_option"] = train_refused(base, btcv, {**options, "roi_edge": 80})
             refusal = "roi_edge 80: the window's edge must be a positive multiple of 32"
             checks["train_refused_option"]["reason_in_server_log"] = refusal in log_file.read_text(errors="replace")
