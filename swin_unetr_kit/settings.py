@@ -42,24 +42,25 @@ def optional_flag(value: object, name: str) -> bool | None:
 
 
 WINDOW_MULTIPLE = 32  # SwinUNETR halves its input five times
+SMALLEST_TRAINING_WINDOW = 64  # at 32 the deepest features are one voxel, which instance norm cannot train on
 
 
 def window_edge(value: object, name: str = "roi_edge") -> int:
-    """The edge of a cubic sliding window or training crop, checked before any data is read: SwinUNETR takes only
-    multiples of 32 (five halvings).
+    """The edge of a cubic training crop, checked before any data is read: SwinUNETR takes only multiples of 32 (five
+    halvings), and trains only from 64 (a 32^3 crop leaves one voxel at the bottleneck, where instance norm fails).
 
     Raises:
-        ValueError: not a positive multiple of 32, naming the setting and the nearest sizes it takes.
+        ValueError: not a multiple of 32 of at least 64, naming the setting and the nearest sizes it takes.
     """
     try:
         edge = int(value)
         exact = edge == float(value)
     except (TypeError, ValueError):
         edge, exact = 0, False
-    if not exact or edge <= 0 or edge % WINDOW_MULTIPLE:
-        below = max(WINDOW_MULTIPLE, edge // WINDOW_MULTIPLE * WINDOW_MULTIPLE)
+    if not exact or edge < SMALLEST_TRAINING_WINDOW or edge % WINDOW_MULTIPLE:
+        below = max(SMALLEST_TRAINING_WINDOW, edge // WINDOW_MULTIPLE * WINDOW_MULTIPLE)
         raise ValueError(
-            f"{name} {value!r}: the window's edge must be a positive multiple of {WINDOW_MULTIPLE} (SwinUNETR halves "
-            f"it five times), e.g. {below} or {below + WINDOW_MULTIPLE}"
+            f"{name} {value!r}: the window's edge must be a multiple of {WINDOW_MULTIPLE} (SwinUNETR halves it five "
+            f"times) of at least {SMALLEST_TRAINING_WINDOW}, e.g. {below} or {below + WINDOW_MULTIPLE}"
         )
     return edge

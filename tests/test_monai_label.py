@@ -333,7 +333,7 @@ def test_a_window_edge_the_network_cannot_take_is_refused_by_name(bundle, tmp_pa
     trainer.config.parse()
     with pytest.raises(RuntimeError) as raised:
         trainer.config.get_parsed_content("roi_size")
-    assert "roi_edge 80: the window's edge must be a positive multiple of 32" in str(raised.value.__cause__)
+    assert "roi_edge 80: the window's edge must be a multiple of 32" in str(raised.value.__cause__)
     assert "e.g. 64 or 96" in str(raised.value.__cause__)
 
 
