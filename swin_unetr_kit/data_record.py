@@ -39,7 +39,7 @@ class DataRecord:
         self.settings = {"pixdim": pixdim, "roi_size": roi_size, "intensity": intensity, "labels": labels}
 
     def state_dict(self) -> dict:
-        return _plain(self.settings)  # plain lists, dicts and numbers: what torch.load(weights_only=True) reads
+        return _lists(self.settings)  # plain lists, dicts and numbers: what torch.load(weights_only=True) reads
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Nothing to restore: a resumed run records its own settings."""
@@ -62,6 +62,15 @@ def read(path: str, labels: Sequence[str] | None = None) -> dict:
             list(labels),
         )
     return dict(record)
+
+
+def _lists(value: object) -> object:
+    """``value`` with tuples and arrays as lists (numbers keep their type: a window size stays integer)."""
+    if isinstance(value, Mapping):
+        return {k: _lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        return [_lists(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+    return value
 
 
 def _plain(value: object) -> object:

@@ -291,7 +291,8 @@ def test_bundle_train_task_contract(bundle, synthetic_dataset, tmp_path, monai_l
     assert any(not torch.equal(trained[k], start[k]) for k in start)  # started from model.pt and trained on
     assert saved[RECORD_KEY]["patch_merging"] == "legacy"  # in the order of the model.pt it started from
     # and the data settings it was trained at, to be served at them
-    assert saved[DATA_RECORD_KEY]["pixdim"] == [3.0, 3.0, 3.0] and saved[DATA_RECORD_KEY]["roi_size"] == [64.0] * 3
+    assert saved[DATA_RECORD_KEY]["pixdim"] == [3.0, 3.0, 3.0] and saved[DATA_RECORD_KEY]["roi_size"] == [64] * 3
+    assert all(isinstance(v, int) for v in saved[DATA_RECORD_KEY]["roi_size"])  # window sizes stay integers
     assert saved[DATA_RECORD_KEY]["labels"] == ["background", *label_names(installed)]
     if bundle == MSD_BUNDLE:
         own = torch.load(ckpt_dir / "model.pt", weights_only=True)["model"]
@@ -384,7 +385,7 @@ def test_a_model_is_served_at_the_settings_it_was_trained_at(bundle, tmp_path, c
     log names both values."""
     installed = install_for_monai_label(bundle, tmp_path)
     checkpoint = served_weights(installed)
-    trained = {"pixdim": [6.0, 6.0, 6.0], "roi_size": [64.0] * 3, "labels": ["background", "x"]}
+    trained = {"pixdim": [6.0, 6.0, 6.0], "roi_size": [64] * 3, "labels": ["background", "x"]}
     trained["intensity"] = [-100.0, 200.0] if bundle == BTCV_BUNDLE else {"window": [-100.0, 200.0]}
     torch.save({**checkpoint, DATA_RECORD_KEY: trained}, installed / "models" / "model.pt")
     parser = ConfigParser()
@@ -392,7 +393,7 @@ def test_a_model_is_served_at_the_settings_it_was_trained_at(bundle, tmp_path, c
     parser.config.update({"bundle_root": str(installed)})
     with caplog.at_level(logging.WARNING):
         assert parser.get_parsed_content("pixdim") == [6.0, 6.0, 6.0]
-        assert parser.get_parsed_content("roi_size") == [64.0] * 3
+        assert parser.get_parsed_content("roi_size") == [64] * 3
         pre = parser.get_parsed_content("preprocessing", instantiate=True).transforms
     window = next(t for t in pre if isinstance(t, ScaleIntensityRanged)).scaler
     assert (window.a_min, window.a_max) == (-100.0, 200.0)

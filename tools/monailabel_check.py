@@ -122,7 +122,7 @@ def write_weights_of_other_settings(python: Path, bundle: Path, out_channels: in
     """A seeded feature_size 12 SwinUNETR as ``models/model.pt`` with the record of data settings other than the
     bundle's (3 mm voxels, 64^3 windows), as weights trained elsewhere and copied in (written in MONAI Label's
     environment, in the bundles' checkpoint layout)."""
-    settings = {"pixdim": [3.0, 3.0, 3.0], "roi_size": [64.0, 64.0, 64.0], "labels": labels}
+    settings = {"pixdim": [3.0, 3.0, 3.0], "roi_size": [64, 64, 64], "labels": labels}
     settings["intensity"] = {"window": [-175.0, 250.0]}
     code = (
         "import json, sys, torch; from monai.networks.nets import SwinUNETR; torch.manual_seed(0); "
