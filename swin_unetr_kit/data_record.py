@@ -22,8 +22,11 @@ logger = logging.getLogger(__name__)
 DATA_RECORD_KEY = "data_record"
 
 
-def label_names(metadata_file: str | os.PathLike) -> list[str]:
-    """The output channel names of a bundle's ``metadata.json`` (``channel_def`` of its first output), in order."""
+def label_names(metadata_file: str | os.PathLike) -> list[str] | None:
+    """The output channel names of a bundle's ``metadata.json`` (``channel_def`` of its first output), in order; None
+    where the bundle folder has no metadata (a run whose ``bundle_root`` is only an output folder)."""
+    if not os.path.isfile(metadata_file):
+        return None
     metadata = json.loads(Path(metadata_file).read_text())
     channels = next(iter(metadata["network_data_format"]["outputs"].values()))["channel_def"]
     return [channels[k] for k in sorted(channels, key=int)]
@@ -34,7 +37,7 @@ class DataRecord:
     ``state_dict()`` beside the weights."""
 
     def __init__(
-        self, pixdim: Sequence[float], roi_size: Sequence[int], intensity: object, labels: Sequence[str]
+        self, pixdim: Sequence[float], roi_size: Sequence[int], intensity: object, labels: Sequence[str] | None
     ) -> None:
         self.settings = {"pixdim": pixdim, "roi_size": roi_size, "intensity": intensity, "labels": labels}
 
@@ -54,7 +57,7 @@ def read(path: str, labels: Sequence[str] | None = None) -> dict:
     record = checkpoint.get(DATA_RECORD_KEY) if isinstance(checkpoint, Mapping) else None
     if not isinstance(record, Mapping):
         return {}
-    if labels is not None and record.get("labels") not in (None, list(labels)):
+    if labels is not None and record.get("labels") not in (None, list(labels)):  # unknown on either side: no check
         logger.warning(
             "%s was trained with the labels %s, but the bundle names its outputs %s: check the label names shown",
             path,
