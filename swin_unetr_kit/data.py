@@ -312,10 +312,12 @@ def _ras(shape: tuple[int, ...], affine: np.ndarray, path: str = "the image") ->
     return tuple(ras_shape), affine @ nib.orientations.inv_ornt_aff(transform, shape)
 
 
-def scan_cache_file() -> Path:
-    """Where :func:`scan_volume` keeps what it read: ``$SWIN_UNETR_CACHE`` or ``~/.cache/swin_unetr_bundles``."""
-    root = Path(os.environ.get("SWIN_UNETR_CACHE", Path.home() / ".cache" / "swin_unetr_bundles"))
-    return root / "volume_scans.json"
+def scan_cache_file() -> Path | None:
+    """Where :func:`scan_volume` keeps what it read across runs: ``$SWIN_UNETR_CACHE/volume_scans.json``; None (no file
+    is written, a run checks its data afresh) unless the user names that folder: bundles write nothing outside their
+    own folder by default."""
+    root = os.environ.get("SWIN_UNETR_CACHE")
+    return Path(root) / "volume_scans.json" if root else None
 
 
 def _file_signature(path: str) -> str:
@@ -328,8 +330,11 @@ def _file_signature(path: str) -> str:
 
 
 def _read_cache() -> dict:
+    path = scan_cache_file()
+    if path is None:
+        return {}
     try:
-        return json.loads(scan_cache_file().read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -337,6 +342,8 @@ def _read_cache() -> dict:
 def _write_cache(entries: dict) -> None:
     """Merge ``entries`` into the cache file (written beside it, then renamed: readers never see half a file)."""
     path = scan_cache_file()
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         merged = {**_read_cache(), **entries}

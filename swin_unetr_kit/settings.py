@@ -97,3 +97,28 @@ def unknown_settings(argv: Sequence[str] | None = None) -> list[str]:
         warnings.append(f"--{name}: no such setting in {', '.join(files)}; it changes nothing{hint}")
         logger.warning(warnings[-1])
     return warnings
+
+
+WINDOW_MULTIPLE = 32  # SwinUNETR halves its input five times
+SMALLEST_TRAINING_WINDOW = 64  # at 32 the deepest features are one voxel, which instance norm cannot train on
+
+
+def window_edge(value: object, name: str = "roi_edge") -> int:
+    """The edge of a cubic training crop, checked before any data is read: SwinUNETR takes only multiples of 32 (five
+    halvings), and trains only from 64 (a 32^3 crop leaves one voxel at the bottleneck, where instance norm fails).
+
+    Raises:
+        ValueError: not a multiple of 32 of at least 64, naming the setting and the nearest sizes it takes.
+    """
+    try:
+        edge = int(value)
+        exact = edge == float(value)
+    except (TypeError, ValueError):
+        edge, exact = 0, False
+    if not exact or edge < SMALLEST_TRAINING_WINDOW or edge % WINDOW_MULTIPLE:
+        below = max(SMALLEST_TRAINING_WINDOW, edge // WINDOW_MULTIPLE * WINDOW_MULTIPLE)
+        raise ValueError(
+            f"{name} {value!r}: the window's edge must be a multiple of {WINDOW_MULTIPLE} (SwinUNETR halves it five "
+            f"times) of at least {SMALLEST_TRAINING_WINDOW}, e.g. {below} or {below + WINDOW_MULTIPLE}"
+        )
+    return edge

@@ -396,6 +396,17 @@ def test_the_voxel_check_is_cached_by_size_and_modification_time(tmp_path, monke
         scan_volume(case["image"])
 
 
+def test_the_voxel_check_writes_no_cache_unless_asked(tmp_path, monkeypatch):
+    """By default a run writes nothing outside the bundle's folder: the cross-run cache is kept only in the folder
+    ``$SWIN_UNETR_CACHE`` names."""
+    monkeypatch.delenv("SWIN_UNETR_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    case = write_ct_case(tmp_path, "a")
+    check_cases([case])
+    scan_volume(case["image"])
+    assert not (tmp_path / "home").exists()
+
+
 # --- 6. no folder for an invalid task or run -----------------------------------------------------------------------
 
 
