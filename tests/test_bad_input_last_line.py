@@ -35,7 +35,8 @@ def _bad_volumes(root: Path) -> list[str]:
     voxels = np.asarray(img.dataobj, dtype=np.float32)
     voxels[3, 3, 3] = np.nan
     nib.save(nib.Nifti1Image(voxels, img.affine), cases["nan"]["image"])
-    nib.save(nib.Nifti1Image(np.full(img.shape, -1000, np.int16), img.affine), cases["flat"]["image"])
+    flat = nib.load(cases["flat"]["image"])  # constant, on its own label's grid
+    nib.save(nib.Nifti1Image(np.full(flat.shape, -1000, np.int16), flat.affine), cases["flat"]["image"])
     nib.save(nib.Nifti1Image(np.stack([voxels * 0 + 40] * 2, -1), img.affine), cases["two"]["image"])
     label = nib.load(cases["shape"]["label"])
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :-1], label.affine), cases["shape"]["label"])
@@ -103,7 +104,12 @@ def _cases(root: Path) -> dict[str, tuple[str, list[str], dict, list[str]]]:
         "empty split": (btcv, train, {"dataset_dir": str(empty_split)}, ["the 'validation' list is empty"]),
         "nothing to predict": (btcv, infer, {"input": str(root / "empty")}, ["no images or DICOM series to predict"]),
         "another task's data": (msd, train, {"dataset_dir": str(liver)}, ["do not match Task09_Spleen's"]),
-        "mistyped task": (msd, train, {"task": "Task11_Kidney"}, ["unknown MSD task 'Task11_Kidney'; choose one of"]),
+        "mistyped task": (
+            msd,
+            train,
+            {"task": "Task11_Kidney"},
+            ["'Task11_Kidney' is none of the MSD tasks (Task01_BrainTumour"],
+        ),
         "no such fold": (msd, train, {"fold": 5, "dataset_dir": str(liver)}, ["fold 5 of 5: fold must be in 0.."]),
         "too few cases for the folds": (
             msd,

@@ -415,9 +415,7 @@ def test_an_invalid_task_or_fold_leaves_no_folder(tmp_path):
     typo = bundle_start(msd, ["configs/train.json"], task="Task11_Kidney", dataset_dir=str(tmp_path))
     fold = bundle_start(msd, ["configs/train.json"], fold=5, dataset_dir=str(tmp_path))
     typo, fold = finish(typo), finish(fold)
-    assert typo.returncode != 0 and "unknown MSD task 'Task11_Kidney'; choose one of: Task01_BrainTumour" in output(
-        typo
-    )
+    assert typo.returncode != 0 and "'Task11_Kidney' is none of the MSD tasks (Task01_BrainTumour" in output(typo)
     assert fold.returncode != 0 and "fold 5 of 5: fold must be in 0..num_folds - 1" in output(fold)
     assert sorted(p.name for p in msd.iterdir()) == ["LICENSE", "configs", "docs"]
 
