@@ -146,7 +146,8 @@ def test_brain_tumour_crops_are_the_brats21_crops(tmp_path):
     task = "Task01_BrainTumour"
     dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE))
     roi = [32, 32, 32]  # the generated head is 48 x 56 x 40: its box grows to 64^3, where a 32^3 window moves
-    brain = parse(msd_configs("train"), **outputs(tmp_path), task=task, **{"displayable_configs#roi_edge": 32})
+    # the window itself, not the training option: the data pipeline is compared here, and roi_edge takes 64 and up
+    brain = parse(msd_configs("train"), **outputs(tmp_path), task=task, roi_size=roi)
     assert brain.parser.get_parsed_content("roi_size") == roi
     ours = brain.parser.get_parsed_content("train#random_transforms")
     prepare = Compose([*brain.parser.get_parsed_content("deterministic_transforms"), ours[0]])

@@ -82,7 +82,7 @@ def network_of(workflow: ConfigWorkflow, load: bool = True) -> tuple[torch.nn.Mo
     finally:
         logger.removeHandler(handler)
     if load:
-        workflow.parser.get_parsed_content("handlers")[0](Engine(lambda engine, batch: None))
+        workflow.parser.get_parsed_content("handlers#0")(Engine(lambda engine, batch: None))  # the loader alone
     return network, logged
 
 
