@@ -377,7 +377,7 @@ def test_training_and_inference_name_every_bad_volume_in_one_error(tmp_path):
         for name, message in BAD_CASE_MESSAGES.items():
             assert f"{images[name]}{message}" in output(result)
     # nothing written
-    assert sorted(p.name for p in btcv.iterdir()) == ["LICENSE", "configs", "docs", "large_files.yml"]
+    assert sorted(p.name for p in btcv.iterdir()) == ["LICENSE", "configs", "docs", "large_files.yml", "swin_unetr_kit"]
 
 
 def test_the_voxel_check_is_cached_by_size_and_modification_time(tmp_path, monkeypatch):
@@ -417,7 +417,7 @@ def test_an_invalid_task_or_fold_leaves_no_folder(tmp_path):
     typo, fold = finish(typo), finish(fold)
     assert typo.returncode != 0 and "'Task11_Kidney' is none of the MSD tasks (Task01_BrainTumour" in output(typo)
     assert fold.returncode != 0 and "fold 5 of 5: fold must be in 0..num_folds - 1" in output(fold)
-    assert sorted(p.name for p in msd.iterdir()) == ["LICENSE", "configs", "docs"]
+    assert sorted(p.name for p in msd.iterdir()) == ["LICENSE", "configs", "docs", "swin_unetr_kit"]
 
 
 # --- 7. domain check -----------------------------------------------------------------------------------------------
@@ -449,4 +449,4 @@ def test_a_head_ct_through_btcv_inference_with_strict_domain_stops_before_writin
         f"{head}: unusual for this bundle: extent 230 x 230 x 160 mm, expected about 240-600 x 240-600 x 30-1200 mm"
         in output(result)
     )
-    assert sorted(p.name for p in btcv.iterdir()) == ["LICENSE", "configs", "docs", "large_files.yml"]
+    assert sorted(p.name for p in btcv.iterdir()) == ["LICENSE", "configs", "docs", "large_files.yml", "swin_unetr_kit"]
