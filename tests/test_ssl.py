@@ -269,8 +269,9 @@ def test_seeded_validation_leaves_training_unchanged(unlabeled_ct, tmp_path):
     common = {**SMALL_SSL, "batch_size": 1, "dataset_dir": str(unlabeled_ct / "a"), "num_steps": 2, "val_interval": 1}
     common |= {"learning_rate": 0.01, "warmup_steps": 1}  # step 2, after a validation, moves the weights visibly
     run = json.loads((SSL_BUNDLE / "configs" / "train.json").read_text())["run"]
-    assert "set_random_state" in run[0]  # the re-seeding handler, replaced below by one that only builds the evaluator
-    unseeded_run = ["$@validate#evaluator", *run[1:]]  # (building order decides the data loaders' seeds)
+    # the re-seeding handler, replaced by one that only builds the evaluator (building order decides the loaders' seeds)
+    reseed = next(i for i, step in enumerate(run) if "set_random_state" in step)
+    unseeded_run = [*run[:reseed], "$@validate#evaluator", *run[reseed + 1 :]]
     workflows = {
         "seeded": run_workflow(ssl_configs("train"), **common, bundle_root=str(tmp_path / "seeded")),
         "unseeded": run_workflow(ssl_configs("train"), **common, bundle_root=str(tmp_path / "new"), run=unseeded_run),
