@@ -155,6 +155,7 @@ def test_msd_folds_compare_in_one_store(tmp_path):
     assert "val_mean_dice/spleen" in runs["Task09_Spleen/fold1of2/training"][0].data.metrics
     evaluation, reports = runs["Task09_Spleen/fold0of2/evaluation"]
     assert {"dice/spleen", "hd95/spleen"} <= set(evaluation.data.metrics)
-    assert {"metrics.json", "dice_summary.csv", "spleen_000.png"} <= reports
+    assert {"metrics.json", "dice_summary.csv"} <= reports
+    assert [n for n in reports if n.endswith(".png")] in (["spleen_000.png"], ["spleen_001.png"])  # fold 0's case
     for fold in ("fold0of2", "fold1of2"):
         assert "val_mean_dice/spleen" in tensorboard_tags(root / "eval" / task / fold)["scalars"]
