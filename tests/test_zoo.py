@@ -225,9 +225,9 @@ def test_install_without_the_internet_leaves_large_files_when_asked(local_zoo, t
 
 
 def test_the_readme_names_each_zip_at_its_bundles_version():
-    """The README's install commands name ``<bundle>_v<version>.zip``: the version ``tools/zoo.py package`` writes."""
-    readme = (zoo.REPO / "README.md").read_text()
-    named = re.findall(r"(swin_unetr_\w+?)_v(\d+\.\d+\.\d+)\.zip", readme)
+    """The docs' install commands name ``<bundle>_v<version>.zip``: the version ``tools/zoo.py package`` writes."""
+    pages = [zoo.REPO / "README.md", *sorted((zoo.REPO / "docs").glob("*.md"))]
+    named = [m for page in pages for m in re.findall(r"(swin_unetr_\w+?)_v(\d+\.\d+\.\d+)\.zip", page.read_text())]
     assert named
     for bundle, version in named:
         metadata = json.loads((zoo.REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
