@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 RUNTIMES = ("auto", "torch", "onnxruntime", "openvino")
-AUTO_RUNTIMES = ("openvino", "onnxruntime")  # fastest first, as measured at paper size (README, Performance)
+AUTO_RUNTIMES = ("openvino", "onnxruntime")  # fastest first, as measured at paper size (docs/performance.md)
 # the precisions each runtime runs here (OpenVINO's int8 needs calibration; ONNX Runtime is given fp32 only)
 RUNS = {"torch": ("fp32", "bf16", "int8"), "onnxruntime": ("fp32",), "openvino": ("fp32", "bf16")}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -196,7 +196,7 @@ class OpenVinoNetwork:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Runs the windows of ``x`` one at a time: as fast as a batch here, at less than half the peak memory
-        (a batch of four 96^3 windows at feature_size 48: 4.8 GB against 11.2 GB, README Performance)."""
+        (a batch of four 96^3 windows at feature_size 48: 4.8 GB against 11.2 GB, docs/performance.md)."""
         windows = x.detach().cpu().float().contiguous().numpy()
         outputs = [torch.from_numpy(self.compiled(windows[i : i + 1])[0]) for i in range(len(windows))]
         return torch.cat(outputs).to(x.device)
@@ -244,7 +244,7 @@ class CpuInference:
         cache = _converted.setdefault(network, {})
         if key not in cache:
             cache.clear()  # older weights or settings: drop their conversions
-            if self.runtime != "torch":  # said before the export's silent half minute (paper size, README)
+            if self.runtime != "torch":  # said before the export's silent half minute (paper size, docs/performance.md)
                 logger.info(f"CPU inference: exporting the network to {self._runtime_name()} (once per network)...")
             try:
                 cache[key] = self._convert(network, window_shape)

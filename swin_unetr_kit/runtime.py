@@ -3,7 +3,7 @@
 Swin UNETR allocates the same large activations again for every sliding window and training step. glibc's malloc
 serves large blocks (over a threshold that grows to at most 32 MB) with fresh ``mmap`` pages and gives them back on
 ``free``, so the kernel hands out and zeroes new pages for every window: about half of the CPU time on 2 cores. Two
-remedies, both measured in the README's Performance section:
+remedies, both measured in docs/performance.md:
 
 * tcmalloc (Debian/Ubuntu ``libtcmalloc-minimal4``, conda ``gperftools``), preloaded before Python starts with
   ``LD_PRELOAD=libtcmalloc_minimal.so.4``: the fastest here, and memory close to glibc's;

@@ -48,7 +48,7 @@ SMALL = {
 }
 # the background's weight in the loss (the 13 organs weigh 1): the torso is non-contrast CT, where the organs share
 # one soft-tissue range of HU and differ by place and shape; at full weight the background (96 % of the voxels)
-# saturates the softmax and the organs come one at a time, liver first (README, "The demo's settings")
+# saturates the softmax and the organs come one at a time, liver first (docs/demo.md)
 BACKGROUND_WEIGHT = 0.03
 
 
@@ -61,7 +61,7 @@ DEMO_DESCRIPTION = f"feature_size 12, 64^3 windows at {PIXDIM_MM:g} mm, backgrou
 # for a run of minutes instead of days: a larger learning rate without warm-up; the background's share of the
 # bundle's Dice-CE cut; crops centred on each organ in turn (MONAI's RandCropByLabelClassesd, equal ratios over the
 # 13 organs) instead of half on the foreground and half anywhere, and no flips or rotations (they swap left and right
-# organs, which one short run cannot untangle). The trials behind these choices are in the README ("The demo's
+# organs, which one short run cannot untangle). The trials behind these choices are in docs/demo.md ("The demo's
 # settings").
 SHORT_RUN = {
     "learning_rate": 0.003,

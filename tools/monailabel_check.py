@@ -1,7 +1,7 @@
 """End-to-end check of the segmentation bundles in the real MONAI Label server, from what a new user has.
 
-Builds (once) a separate virtual environment from ``requirements-monailabel.txt`` exactly as the README says, WITHOUT
-this repository in it; packages the bundles into the local zoo (``tools/zoo.py package``), installs the zips without
+Builds (once) a separate virtual environment from ``requirements-monailabel.txt`` (docs/monai_label.md), WITHOUT this
+repository in it; packages the bundles into the local zoo (``tools/zoo.py package``), installs the zips without
 weights into the ``monaibundle`` sample app's model folder, starts the server on 127.0.0.1 offline, and checks through
 its REST API, one result per line:
 
@@ -17,7 +17,7 @@ its REST API, one result per line:
   from the config's.
 
 It needs the sample CT (``python tools/sample_data.py``) and is too slow for the test suite (the environment alone
-takes many minutes to build); the README records its last result.
+takes many minutes to build); docs/monai_label.md records its last result.
 
 Usage (from the repository root, in the project's environment):
     python tools/monailabel_check.py [--work DIR] [--venv DIR] [--port 8765]
@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from sample_data import cache_dir  # noqa: E402
 
 BUNDLES = ("swin_unetr_btcv_seg", "swin_unetr_msd")
-REQUIREMENTS = REPO / "requirements-monailabel.txt"  # the README's MONAI Label environment, installed as written
+REQUIREMENTS = REPO / "requirements-monailabel.txt"  # docs/monai_label.md's environment, as written
 TRAIN_HALF_SIZE = (24, 24, 16)  # training studies: 3 mm voxels, a 144 x 144 x 96 mm block of the torso CT
 # what a CPU user picks in the training options (train.json's displayable_configs)
 CPU_TRAINING = {"num_samples": 1, "num_workers": 0, "cache_rate": 0.0, "roi_edge": 64, "feature_size": 12}
@@ -71,8 +71,8 @@ def clean_env(venv: Path | None = None, **extra: str) -> dict[str, str]:
 
 
 def build_env(venv: Path) -> Path:
-    """Create ``venv`` with ``pip install -r requirements-monailabel.txt``, as the README says (skipped when its
-    marker holds the same requirements)."""
+    """Create ``venv`` with ``pip install -r requirements-monailabel.txt``, as docs/monai_label.md says (skipped
+    when its marker holds the same requirements)."""
     marker = venv / "monailabel_check_requirements.txt"
     python = venv / "bin" / "python"
     wanted = REQUIREMENTS.read_text()

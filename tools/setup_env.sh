@@ -23,7 +23,7 @@ pip=("$py" -m pip install --quiet --disable-pip-version-check)
 # checkout itself (the current folder) does not pass for an installed package
 (cd / && "$py" -c "import swin_unetr_kit, sys; sys.exit(not swin_unetr_kit.__file__.startswith('$root/'))") 2>/dev/null ||
   "${pip[@]}" --no-deps -e "$root"
-# tcmalloc, the fastest CPU allocator measured for the bundles (README, Performance), used by the demo and the
+# tcmalloc, the fastest CPU allocator measured for the bundles (docs/performance.md), used by the demo and the
 # benchmark and by runs started with LD_PRELOAD=libtcmalloc_minimal.so.4; best effort: only where apt-get runs as root
 if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -31,7 +31,7 @@ if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
     { apt-get install -y -qq libtcmalloc-minimal4 || { apt-get update -qq && apt-get install -y -qq libtcmalloc-minimal4; }; } \
       >/dev/null 2>&1 || echo "note: libtcmalloc-minimal4 not installed; the bundles run with glibc's allocator"
   else
-    echo "note: install libtcmalloc-minimal4 (apt) or gperftools (conda) for faster CPU runs (README, Performance)"
+    echo "note: install libtcmalloc-minimal4 (apt) or gperftools (conda) for faster CPU runs (docs/performance.md)"
   fi
 fi
 echo "environment ready: $py"
