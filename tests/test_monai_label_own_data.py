@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import torch
 import zoo
+from conftest import REPO
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 from monai.transforms import Compose, SaveImaged
@@ -80,7 +81,7 @@ def test_own_data_bundle_packages_and_serves_with_its_label_names(tmp_path, monk
         assert parser.get_parsed_content("pixdim") == TRAINED_AT["pixdim"]  # from the model's data record
         assert parser.get_parsed_content("roi_size") == TRAINED_AT["roi_size"]
     assert "trained with the labels" not in caplog.text  # the record's labels are the served metadata's
-    parser.config.update({"device": "cpu"})
+    parser.config.update({"device": "cpu", "cpu_runtime": "torch"})  # OpenVINO's path: test_cpu_inference.py
     network = parser.get_parsed_content("network_def", instantiate=True)
     network.load_state_dict(torch.load(installed / "models" / "model.pt", weights_only=True)["model"])
     network.eval()
@@ -95,3 +96,23 @@ def test_own_data_bundle_packages_and_serves_with_its_label_names(tmp_path, monk
     prediction = np.asarray(post(data)["pred"]).squeeze()
     assert prediction.shape == nib.load(image).shape
     assert set(np.unique(prediction).tolist()) <= {0, 1, 2, 3}
+
+
+def test_msd_records_and_compares_the_label_names_of_the_task_it_runs(tmp_path, caplog):
+    """The MSD bundle's metadata names the default task's labels; a model of another task records that task's
+    labels (MONAI Label compares them with the served bundle's), and inference compares with the task's own."""
+    msd = REPO / "bundles" / "swin_unetr_msd"
+    parser = ConfigParser()
+    parser.read_config(str(msd / "configs" / "train.json"))
+    parser.config.update({"task": "Task03_Liver", "bundle_root": str(msd)})
+    assert parser.get_parsed_content("data_record").state_dict()["labels"] == ["background", "liver", "cancer"]
+
+    network = SwinUNETR(in_channels=1, out_channels=3, feature_size=12)
+    record = {"pixdim": [3.0] * 3, "roi_size": [64] * 3, "labels": ["background", "liver", "cancer"]}
+    torch.save({"model": network.state_dict(), DATA_RECORD_KEY: record}, tmp_path / "model.pt")
+    parser = ConfigParser()
+    parser.read_config(str(msd / "configs" / "inference.json"))
+    parser.config.update({"task": "Task03_Liver", "bundle_root": str(msd), "ckpt_path": str(tmp_path / "model.pt")})
+    with caplog.at_level(logging.WARNING):
+        assert parser.get_parsed_content("trained_settings")["labels"] == record["labels"]
+    assert "trained with the labels" not in caplog.text
