@@ -4,7 +4,9 @@ Weights hold no trace of the voxel spacing, window size or intensity window they
 at others segments badly without an error (a model trained at 6 mm served at 1.5 mm: liver Dice 0.23 instead of
 0.83). Training saves :class:`DataRecord` in every checkpoint (``{"model": ..., "data_record": {...}}``); inference
 reads it with :func:`read` and takes each setting from it with :func:`setting`, logging both values where the config's
-differs, so MONAI Label, which cannot pass overrides, serves a model at the settings it was trained at.
+differs, so MONAI Label, which cannot pass overrides, serves a model at the settings it was trained at; evaluation
+does the same, and :func:`warn_given` names both values where a setting given on the command line overrides the
+record.
 """
 
 from __future__ import annotations
@@ -94,6 +96,21 @@ def setting(record: Mapping, name: str, configured: object, source: str) -> obje
     if _plain(trained) != _plain(configured):
         logger.warning("%s: %s %s, as the model was trained (the config says %s)", source, name, trained, configured)
     return trained
+
+
+def warn_given(record: Mapping, source: str, **used: object) -> None:
+    """Warn, naming both values, for each setting ``used`` (``pixdim=...``) that differs from what the model at
+    ``source`` was trained at: :func:`setting` makes the record the default, so a difference is an explicit override
+    (``--pixdim``, ``--roi_size``), which is used, but never silently."""
+    for name, value in used.items():
+        if name in record and _plain(record[name]) != _plain(value):
+            logger.warning(
+                "%s: %s %s given, but the model was trained at %s (its data record); using the given value",
+                source,
+                name,
+                _lists(value),
+                record[name],
+            )
 
 
 def summary(feature_size: int, roi_size: Sequence[float], pixdim: Sequence[float], intensity: object) -> str:

@@ -417,7 +417,9 @@ def planned_settings(
         raise UnknownTaskError(f"{plan_file}: a plan for {planned}, not {task}")
     settings = entry_settings(task, plan[task], plan_file)
     settings["plan"] = str(plan_file)
-    settings["datalist"] = str(plan_file.parent / plan[task]["datalist"])
+    # a packaged plan (tools/zoo.py) has no datalist: the case list stays with the data, found from --dataset_dir
+    listed = plan[task].get("datalist")
+    settings["datalist"] = str(plan_file.parent / listed) if listed else None
     if dataset_dir is not None:
         logger.info("%s", plan_table(task, plan[task], plan.get("_plan", {}).get("why", {})))
     return settings

@@ -24,12 +24,22 @@ and a change to the kit needs no copying; a zoo pull request and the zip carry t
 (``bundle_files`` follows the link), so an environment with MONAI (and the bundle's listed packages) runs them without
 this repository.
 
+A model the MSD bundle trained on a data set of one's own (``--task Dataset042_Mine``) is packaged with
+``--own_data {task: run folder}`` as a bundle of its own, ``swin_unetr_msd_<task>`` (lower case): the MSD bundle's
+files with ``"task"`` set in the configs that declare it (MONAI Label passes no ``--task``), the task's metadata
+(``channel_def``: the label names of its ``dataset.json``, which MONAI Label shows), its plan as
+``models/<task>/plan.json`` (where the configs look for it) and the run's ``model.pt`` as ``models/model.pt`` (whose
+``data_record`` holds the spacing, window size and intensity it was trained at). The plan goes without what names
+the user's data (its folder, ``dataset.json`` path, datalist and fingerprint, which list the cases); nothing of the
+data set itself is packed.
+
 ``export`` writes the folders a model-zoo pull request adds (``models/<name>/`` of the zoo's repository): the same
 files as the zip, without weights.
 
 Usage (from the repository root):
     python tools/zoo.py package --out zoo/                          # every bundle, index in zoo/model_info.json
     python tools/zoo.py package --out zoo/ --weights "{'swin_unetr_btcv_seg': 'runs/btcv/models/model.pt'}"
+    python tools/zoo.py package --out zoo/ --own_data "{'Dataset042_Mine': 'runs/msd/models/Dataset042_Mine/fold0of5'}"
     python tools/zoo.py install swin_unetr_btcv_seg --index zoo/model_info.json --bundle_dir models/
     (an existing install is refused unless ``--overwrite true``)
     python tools/zoo.py export --out pr/models                      # the bundle folders of a model-zoo pull request
@@ -52,11 +62,14 @@ import fire
 import yaml
 from packaging.version import InvalidVersion, Version
 
+from swin_unetr_kit.msd import task_metadata
+from swin_unetr_kit.plan import planned_settings
 from swin_unetr_kit.record import file_hash
 from swin_unetr_kit.settings import flag
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
+MSD_BUNDLE = BUNDLES / "swin_unetr_msd"
 FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip can store
 LARGE_FILE_BYTES = 25 * 2**20  # the model zoo's limit for files inside a bundle
 
@@ -115,15 +128,25 @@ def _url(path: Path, base_url: str | None) -> str:
     return f"{base_url.rstrip('/')}/{path.name}" if base_url else path.as_uri()
 
 
-def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None, base_url: str | None = None) -> Path:
+def package_bundle(
+    bundle: Path,
+    out_dir: Path,
+    weights: str | None = None,
+    base_url: str | None = None,
+    name: str | None = None,
+    changed: Mapping[str, bytes] | None = None,
+) -> Path:
     """Write ``<name>_v<version>.zip`` of ``bundle`` (its ``swin_unetr_kit`` included) into ``out_dir`` and return its
     path. Weights over ``LARGE_FILE_BYTES`` go beside the zip and are described in its ``large_files.yml`` (served from
-    ``base_url``)."""
-    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
-    name, version = bundle.name, metadata["version"]
+    ``base_url``). ``name`` (default: the folder's) names the packaged bundle; ``changed`` maps paths inside it to the
+    bytes that replace or add to the bundle's files."""
+    contents = {inner: path.read_bytes() for inner, path in bundle_files(bundle).items()}
+    contents.update(changed or {})
+    version = json.loads(contents["configs/metadata.json"])["version"]
+    name = name or bundle.name
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{name}_v{version}.zip"
-    contents = {f"{name}/{inner}": path.read_bytes() for inner, path in bundle_files(bundle).items()}
+    contents = {f"{name}/{inner}": data for inner, data in contents.items()}
     if weights:
         if not Path(weights).is_file():
             raise ZooError(f"{weights}: weights file not found")
@@ -147,7 +170,58 @@ def package_bundle(bundle: Path, out_dir: Path, weights: str | None = None, base
     return target
 
 
-def package(out: str = "zoo", weights: Mapping[str, str] | None = None, base_url: str | None = None) -> None:
+def own_data_bundle_name(task: str) -> str:
+    """The name of the bundle packaged for ``task``, a data set of one's own: ``swin_unetr_msd_<task>``, lower case."""
+    return f"{MSD_BUNDLE.name}_{task.lower()}"
+
+
+def _json_bytes(content: Mapping) -> bytes:
+    return (json.dumps(content, indent=4, ensure_ascii=False) + "\n").encode()
+
+
+def own_data_files(task: str, run_dir: str | os.PathLike) -> dict[str, bytes]:
+    """The files that make the MSD bundle the bundle of ``task``, a data set of one's own trained in ``run_dir`` (the
+    run folder, ``models/<task>/<run>/``, holding ``model.pt`` and the ``plan.json`` training copied there): configs
+    whose default task is ``task``, its metadata and its plan without the entries that name the user's data.
+
+    Raises:
+        ZooError: the run folder lacks ``model.pt`` or ``plan.json``, or the plan is not ``task``'s.
+    """
+    run = Path(run_dir)
+    for needed in ("model.pt", "plan.json"):
+        if not (run / needed).is_file():
+            raise ZooError(
+                f"{run / needed}: not found; --own_data names a training run folder of {task} (its ckpt_dir)"
+            )
+    plan = json.loads((run / "plan.json").read_text())
+    if task not in plan:
+        raise ZooError(
+            f"{run / 'plan.json'}: a plan for {', '.join(k for k in plan if not k.startswith('_'))}, not {task}"
+        )
+    configs = MSD_BUNDLE / "configs"
+    settings = planned_settings(task, configs / "tasks.json", run / "plan.json")
+    metadata = task_metadata(
+        task, configs / "tasks.json", json.loads((configs / "metadata.json").read_text()), settings
+    )
+    entry = {k: v for k, v in plan[task].items() if k != "datalist"}  # the case list stays with the data
+    kept = ("layout", "training_cases", "fingerprint_seconds", "why")
+    shipped_plan = {"_plan": {k: v for k, v in plan.get("_plan", {}).items() if k in kept}, task: entry}
+    changed = {}
+    for config in sorted(set(configs.glob("*.json")) - {configs / "metadata.json"}):
+        content = json.loads(config.read_text())
+        if "task" in content:  # the default task of train.json and inference.json (the others build on them)
+            changed[f"configs/{config.name}"] = _json_bytes({**content, "task": task})
+    changed["configs/metadata.json"] = _json_bytes(metadata)
+    changed[f"models/{task}/plan.json"] = _json_bytes(shipped_plan)
+    return changed
+
+
+def package(
+    out: str = "zoo",
+    weights: Mapping[str, str] | None = None,
+    base_url: str | None = None,
+    own_data: Mapping[str, str] | None = None,
+) -> None:
     """Package every bundle into ``out`` and write ``out/model_info.json``.
 
     Args:
@@ -155,15 +229,22 @@ def package(out: str = "zoo", weights: Mapping[str, str] | None = None, base_url
         weights: bundle name → a ``model.pt`` to ship as that bundle's ``models/model.pt`` (in the zip, or beside
             it with a ``large_files.yml`` entry when over 25 MB).
         base_url: where the zips and large files will be served (default: their ``file://`` URLs in ``out``).
+        own_data: task → run folder of the MSD bundle trained on a data set of one's own: each packaged as the
+            bundle ``swin_unetr_msd_<task>`` with that run's ``model.pt`` (:func:`own_data_files`).
     """
     out_dir = Path(out).resolve()
-    weights = dict(weights or {})
+    weights, own_data = dict(weights or {}), dict(own_data or {})
     unknown = set(weights) - {b.name for b in BUNDLES.iterdir()}
     if unknown:
         raise ZooError(f"weights given for unknown bundles: {sorted(unknown)}")
+    bundles = [(p, p.name, weights.get(p.name), None) for p in sorted(BUNDLES.iterdir())]
+    bundles = [b for b in bundles if (b[0] / "configs" / "metadata.json").is_file()]
+    for task, run_dir in sorted(own_data.items()):
+        model = str(Path(run_dir) / "model.pt")
+        bundles.append((MSD_BUNDLE, own_data_bundle_name(task), model, own_data_files(task, run_dir)))
     index = {}
-    for bundle in sorted(p for p in BUNDLES.iterdir() if (p / "configs" / "metadata.json").is_file()):
-        zip_path = package_bundle(bundle, out_dir, weights.get(bundle.name), base_url)
+    for bundle, name, model, changed in bundles:
+        zip_path = package_bundle(bundle, out_dir, model, base_url, name, changed)
         index[zip_path.stem] = {"checksum": sha256(zip_path), "source": _url(zip_path, base_url)}
         print(f"{zip_path}  sha256 {index[zip_path.stem]['checksum']}")
     (out_dir / "model_info.json").write_text(json.dumps(index, indent=4) + "\n")
