@@ -34,10 +34,14 @@ from pathlib import Path
 import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
+import torch
 from monai.config import KeysCollection
-from monai.data import DistributedSampler, load_decathlon_datalist, partition_dataset
+from monai.data import DistributedSampler, MetaTensor, load_decathlon_datalist, partition_dataset
 from monai.data.utils import affine_to_spacing, create_file_basename
 from monai.transforms import LoadImage, MapTransform, Spacingd
+from monai.transforms.utils import create_translate
+from monai.utils import TraceKeys
+from monai.utils.type_conversion import get_torch_dtype_from_string
 
 logger = logging.getLogger(__name__)
 
@@ -210,16 +214,15 @@ def load_datalist(
     check: bool = True,
     domain: Mapping | None = None,
     strict_domain: bool = False,
+    allow_overlap: bool = False,
 ) -> list[dict]:
-    """The cases of one ``split`` of a data set, checked by :func:`check_cases` when ``check`` is set."""
+    """The cases of one ``split`` of a data set, checked by :func:`check_cases` when ``check`` is set; a datalist with
+    a case twice, or in both training and validation, refused unless ``allow_overlap`` (:func:`refuse_overlap`)."""
     lists = build_datalist(dataset_dir, datalist_file, val_fraction, seed)
     cases = lists.get(split, [])
     source = datalist_file or dataset_dir
     _require(lists, "label", ("training", "validation"), source)
-    for line in overlap_problems(lists, source):
-        if line not in _WARNED:  # once per process: training reads its data set for each split
-            _WARNED.add(line)
-            logger.warning(line)
+    refuse_overlap(lists, source, allow_overlap)
     if not cases:
         raise DataError(
             f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})"
@@ -255,22 +258,40 @@ def _with_foreground(cases: Sequence[dict], source: str | os.PathLike, split: st
     return kept
 
 
-def overlap_problems(lists: Mapping[str, Sequence[dict]], source: str | os.PathLike) -> list[str]:
+def overlap_problems(lists: Mapping[str, Sequence[dict]]) -> list[str]:
     """What a user would not knowingly put in a datalist: an image listed twice in one part, or in both
-    ``training`` and ``validation`` (the validation score is then not of unseen data), one line each."""
+    ``training`` and ``validation`` (the validation score is then not of unseen data), one phrase each."""
     images = {part: [os.path.realpath(str(c["image"])) for c in lists.get(part, [])] for part in lists}
     problems = []
     for part, paths in images.items():
         repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
         if repeated:
-            problems.append(f"{source}: {len(repeated)} images listed twice or more in '{part}' (first: {repeated[0]})")
+            problems.append(f"{len(repeated)} images listed twice or more in '{part}' (first: {repeated[0]})")
     shared = sorted(set(images.get("training", [])) & set(images.get("validation", [])))
     if shared:
         problems.append(
-            f"{source}: {len(shared)} cases in both 'training' and 'validation' (first: {shared[0]}); the validation "
-            "score is not of unseen data"
+            f"{len(shared)} cases in both 'training' and 'validation' (first: {shared[0]}), so the validation score "
+            "is not of unseen data"
         )
     return problems
+
+
+def refuse_overlap(lists: Mapping[str, Sequence[dict]], source: str | os.PathLike, allow: bool = False) -> None:
+    """Raise :class:`DataError` naming ``source`` and its :func:`overlap_problems`, with the way on; with ``allow``
+    (``--allow_datalist_overlap true``: a smoke run on one case, a benchmark) warn once per process instead.
+
+    Raises:
+        DataError: ``source`` repeats a case, and ``allow`` is not set.
+    """
+    problems = overlap_problems(lists)
+    if not problems:
+        return
+    line = f"{source}: {'; '.join(problems)}"
+    if not allow:
+        raise DataError(f"{line}; list each case once, or pass --allow_datalist_overlap true if this is meant")
+    if line not in _WARNED:  # once per process: training reads its data set for each split
+        _WARNED.add(line)
+        logger.warning("%s (--allow_datalist_overlap true: the run goes on)", line)
 
 
 def _header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
@@ -860,12 +881,19 @@ class WarnIfNotCTd(MapTransform):
 
 
 class PathSafeSpacingd(Spacingd):
-    """``monai.transforms.Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone.
+    """``monai.transforms.Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone, and whose inverse resamples
+    a 3D volume back slab by slab.
 
     After resampling a NIfTI image, MONAI 1.6.1's ``Spacingd`` calls ``d[k].update(meta)`` on every ``<key>_*`` entry,
     taking each for a metadata dictionary; MONAI Label puts the study's path into the data as the string
     ``image_path`` (and reads it back when writing the result), so every NIfTI study failed with ``AttributeError``.
     Such entries are set aside during the call and put back unchanged.
+
+    The inverse (what ``Invertd`` runs to bring a prediction back to the input's grid) is MONAI's own resampling, run on
+    slabs of the output grid of at most as many voxels as the input has: MONAI's single call builds a float64 sampling
+    grid of the whole original volume (about 40 bytes a voxel, 10 GB for a 512 x 512 x 1000 CT) while the network ran
+    on a grid about ten times smaller. A label map (an integer tensor resampled with ``nearest``) keeps its dtype, so a
+    uint8 prediction stays one byte a voxel; other tensors come back float32, as from MONAI.
     """
 
     def __call__(self, data: Mapping, lazy: bool | None = None) -> dict:
@@ -874,6 +902,39 @@ class PathSafeSpacingd(Spacingd):
         d = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
         d.update(aside)
         return d
+
+    def inverse(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._invert_by_slabs(d[key]) if d[key].ndim == 4 else self.spacing_transform.inverse(d[key])
+        return d
+
+    def _invert_by_slabs(self, img: MetaTensor) -> MetaTensor:
+        """``SpatialResample.inverse`` of ``img`` (channel-first 3D), computed over slabs of the last axis."""
+        resample = self.spacing_transform.sp_resample
+        transform = resample.pop_transform(img)
+        info = transform[TraceKeys.EXTRA_INFO]
+        affine = info["src_affine"]  # the grid before Spacing: where the inverse goes back to
+        size = [int(s) for s in transform[TraceKeys.ORIG_SIZE]]
+        mode = info["mode"]
+        label_map = mode in ("nearest", 0) and not img.is_floating_point()
+        out = torch.empty((img.shape[0], *size), dtype=img.dtype if label_map else torch.float32, device=img.device)
+        step = max(1, min(size[2], int(np.prod(img.shape[1:])) // (size[0] * size[1])))
+        options = {
+            "mode": mode,
+            "padding_mode": info["padding_mode"],
+            "align_corners": False if info["align_corners"] == TraceKeys.NONE else info["align_corners"],
+            "dtype": get_torch_dtype_from_string(info["dtype"]),
+        }
+        with resample.trace_transform(False):
+            for start in range(0, size[2], step):
+                stop = min(size[2], start + step)
+                slab_affine = affine @ torch.tensor(create_translate(3, (0, 0, start)), dtype=affine.dtype)
+                slab = resample(img, dst_affine=slab_affine, spatial_size=(size[0], size[1], stop - start), **options)
+                out[..., start:stop] = slab.as_tensor()
+        result = MetaTensor(out, meta=dict(img.meta), applied_operations=img.applied_operations)
+        result.affine = affine
+        return result
 
 
 class CheckLabeld(MapTransform):
