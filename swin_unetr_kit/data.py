@@ -640,11 +640,12 @@ def inference_inputs(
     domain: Mapping | None = None,
     strict_domain: bool = False,
     output_dir: str | os.PathLike | None = None,
+    postfix: str = "seg",
 ) -> list[dict]:
     """Cases to predict from a file, a DICOM series folder, a folder of both, a datalist json or a list of paths,
     every one checked by :func:`check_cases` before anything is predicted or written, and, given the ``output_dir``
-    of a ``SaveImaged`` rooted at :func:`input_root`, each with an output file of its own that is not an input
-    (:func:`output_root`).
+    of a ``SaveImaged`` rooted at :func:`input_root` (with ``postfix``), each with an output file of its own that is
+    not an input (:func:`output_root`).
 
     Raises:
         DataError: nothing to predict, or inputs that cannot be read, hold NaN/Inf, are constant or have the wrong
@@ -658,7 +659,7 @@ def inference_inputs(
     cases = [{"image": p} for p in paths]
     check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
     if output_dir is not None:
-        output_root(cases, output_dir)
+        output_root(cases, output_dir, postfix)
     return cases
 
 
