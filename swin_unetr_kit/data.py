@@ -21,6 +21,7 @@ time) and reports all unusable cases in one error; it also compares each image w
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import DistributedSampler, MetaTensor, load_decathlon_datalist, partition_dataset
 from monai.data.utils import affine_to_spacing, create_file_basename
-from monai.transforms import LoadImage, MapTransform, Spacingd
+from monai.transforms import LoadImage, MapTransform, SaveImaged, Spacingd
 from monai.transforms.utils import create_translate
 from monai.utils import TraceKeys
 from monai.utils.type_conversion import get_torch_dtype_from_string
@@ -936,6 +937,46 @@ class PathSafeSpacingd(Spacingd):
         result = MetaTensor(out, meta=dict(img.meta), applied_operations=img.applied_operations)
         result.affine = affine
         return result
+
+
+class WholeFileSaveImaged(SaveImaged):
+    """``monai.transforms.SaveImaged`` that leaves no partial file: where writing fails (a disk that fills during the
+    run, a folder made read-only), the file this call began is removed and the error names it and its cause in one
+    line. MONAI's ``SaveImage`` tries its next writer and then raises "cannot find a suitable writer ... install the
+    writer libraries", leaving the truncated file behind; ITK's NIfTI writer can even report success on a full disk
+    (it prints "NWAD: wrote only 0 of ... bytes"), so a written ``.gz`` is read through once (its length and CRC).
+    """
+
+    def _targets(self, data: Mapping) -> dict[str, int | None]:
+        """The file each key would be written to, with its modification time now (None: not there)."""
+        saver = self.saver
+        targets = {}
+        for key in self.key_iterator(dict(data)):
+            path = saver.folder_layout.filename(**saver.fname_formatter(getattr(data[key], "meta", {}), saver))
+            targets[path] = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+        return targets
+
+    def __call__(self, data: Mapping) -> dict:
+        before = self._targets(data)
+        try:
+            written = super().__call__(data)
+            for path in before:
+                if path.endswith(".gz"):
+                    with gzip.open(path) as stream:
+                        while stream.read(1 << 24):
+                            pass
+            return written
+        except Exception as error:
+            reasons = [line.strip() for line in str(error).splitlines() if "Error" in line]
+            reason = reasons[-1] if reasons else f"{type(error).__name__}: {error}"
+            if isinstance(error, (EOFError, gzip.BadGzipFile)):
+                free = shutil.disk_usage(os.path.dirname(next(iter(before)))).free
+                reason = f"the written file is truncated, {free / 2**20:.2f} MB free: {type(error).__name__}: {error}"
+            removed = [p for p, mtime in before.items() if os.path.exists(p) and os.stat(p).st_mtime_ns != mtime]
+            for path in removed:
+                os.remove(path)
+            names = ", ".join(removed or before)
+            raise OSError(f"{names}: could not be written ({reason}); no partial file is left") from error
 
 
 class CheckLabeld(MapTransform):

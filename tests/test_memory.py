@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose, Invertd, Spacingd
+from monai.transforms import Compose, Invertd, SaveImaged, Spacingd
 from monai.utils import TraceKeys
 
 from swin_unetr_kit.data import PathSafeSpacingd
@@ -77,7 +77,7 @@ def test_the_label_map_comes_back_slab_by_slab_in_uint8_as_monai_inverts_it(tmp_
             for t in ours.transforms
         ]
     )
-    steps = [t for t in parser.get_parsed_content("postprocessing").transforms if type(t).__name__ != "SaveImaged"]
+    steps = [t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)]
     grids: list[int] = []
     affine_grid = torch.nn.functional.affine_grid
 

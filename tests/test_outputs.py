@@ -1,6 +1,6 @@
-"""SSL inference's outputs (issue 26, item 2 for the SSL bundle): cases of the same name in two folders get an output
-set each, as the segmentation bundles' ``SaveImaged`` keeps them apart; inputs that would still share one are refused
-before the network runs. Through the README's command, from the bundle folder."""
+"""Outputs (issue 26, items 2 and 6): SSL inference gives cases of the same name in two folders an output set each,
+as the segmentation bundles' ``SaveImaged`` keeps them apart, and refuses inputs that would still share one before the
+network runs (through the README's command, from the bundle folder); a label map whose writing fails leaves no file."""
 
 from __future__ import annotations
 
@@ -65,3 +65,34 @@ def test_ssl_inputs_that_would_share_an_output_are_refused_before_the_network(tm
         f"{folder / 'img.nii'}; rename one of them"
     )
     assert not out.exists()
+
+
+def test_a_write_that_fails_midway_leaves_no_partial_file(tmp_path):
+    """A disk that fills while the label map is written (MONAI's SaveImaged left the truncated file and blamed the
+    "writer libraries"): the file is removed and the error names it and the cause in its last line."""
+    import subprocess as sp
+
+    import numpy as np
+    import pytest
+    from monai.data import MetaTensor
+
+    from swin_unetr_kit.data import WholeFileSaveImaged
+
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if sp.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        noise = np.random.default_rng(0).integers(0, 256, (1, 160, 160, 160), dtype=np.uint8)  # 4 MB of noise
+        pred = MetaTensor(torch.as_tensor(noise), meta={"filename_or_obj": str(tmp_path / "ct.nii.gz")})
+        options = {"output_dir": str(disk), "output_postfix": "seg", "output_dtype": np.uint8, "separate_folder": False}
+        with pytest.raises(OSError) as raised:
+            WholeFileSaveImaged("pred", **options)({"pred": pred})
+        target = disk / "ct_seg.nii.gz"
+        assert str(raised.value).startswith(f"{target}: could not be written (the written file is truncated, 0.00 MB")
+        assert str(raised.value).endswith("no partial file is left")
+        assert list(disk.iterdir()) == []
+        WholeFileSaveImaged("pred", **options)({"pred": pred[:, :40]})  # what fits is written and kept
+        assert nib.load(disk / "ct_seg.nii.gz").shape == (40, 160, 160)
+    finally:
+        sp.run(["umount", str(disk)], check=True)
