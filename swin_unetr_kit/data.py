@@ -21,6 +21,7 @@ time) and reports all unusable cases in one error; it also compares each image w
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -34,10 +35,14 @@ from pathlib import Path
 import ignite.distributed as idist
 import nibabel as nib
 import numpy as np
+import torch
 from monai.config import KeysCollection
-from monai.data import DistributedSampler, load_decathlon_datalist, partition_dataset
+from monai.data import DistributedSampler, MetaTensor, load_decathlon_datalist, partition_dataset
 from monai.data.utils import affine_to_spacing, create_file_basename
-from monai.transforms import LoadImage, MapTransform, Spacingd
+from monai.transforms import LoadImage, MapTransform, SaveImaged, Spacingd
+from monai.transforms.utils import create_translate
+from monai.utils import TraceKeys
+from monai.utils.type_conversion import get_torch_dtype_from_string
 
 logger = logging.getLogger(__name__)
 
@@ -210,16 +215,15 @@ def load_datalist(
     check: bool = True,
     domain: Mapping | None = None,
     strict_domain: bool = False,
+    allow_overlap: bool = False,
 ) -> list[dict]:
-    """The cases of one ``split`` of a data set, checked by :func:`check_cases` when ``check`` is set."""
+    """The cases of one ``split`` of a data set, checked by :func:`check_cases` when ``check`` is set; a datalist with
+    a case twice, or in both training and validation, refused unless ``allow_overlap`` (:func:`refuse_overlap`)."""
     lists = build_datalist(dataset_dir, datalist_file, val_fraction, seed)
     cases = lists.get(split, [])
     source = datalist_file or dataset_dir
     _require(lists, "label", ("training", "validation"), source)
-    for line in overlap_problems(lists, source):
-        if line not in _WARNED:  # once per process: training reads its data set for each split
-            _WARNED.add(line)
-            logger.warning(line)
+    refuse_overlap(lists, source, allow_overlap)
     if not cases:
         raise DataError(
             f"{source}: the '{split}' list is empty (found: {', '.join(f'{k}={len(v)}' for k, v in lists.items())})"
@@ -255,22 +259,40 @@ def _with_foreground(cases: Sequence[dict], source: str | os.PathLike, split: st
     return kept
 
 
-def overlap_problems(lists: Mapping[str, Sequence[dict]], source: str | os.PathLike) -> list[str]:
+def overlap_problems(lists: Mapping[str, Sequence[dict]]) -> list[str]:
     """What a user would not knowingly put in a datalist: an image listed twice in one part, or in both
-    ``training`` and ``validation`` (the validation score is then not of unseen data), one line each."""
+    ``training`` and ``validation`` (the validation score is then not of unseen data), one phrase each."""
     images = {part: [os.path.realpath(str(c["image"])) for c in lists.get(part, [])] for part in lists}
     problems = []
     for part, paths in images.items():
         repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
         if repeated:
-            problems.append(f"{source}: {len(repeated)} images listed twice or more in '{part}' (first: {repeated[0]})")
+            problems.append(f"{len(repeated)} images listed twice or more in '{part}' (first: {repeated[0]})")
     shared = sorted(set(images.get("training", [])) & set(images.get("validation", [])))
     if shared:
         problems.append(
-            f"{source}: {len(shared)} cases in both 'training' and 'validation' (first: {shared[0]}); the validation "
-            "score is not of unseen data"
+            f"{len(shared)} cases in both 'training' and 'validation' (first: {shared[0]}), so the validation score "
+            "is not of unseen data"
         )
     return problems
+
+
+def refuse_overlap(lists: Mapping[str, Sequence[dict]], source: str | os.PathLike, allow: bool = False) -> None:
+    """Raise :class:`DataError` naming ``source`` and its :func:`overlap_problems`, with the way on; with ``allow``
+    (``--allow_datalist_overlap true``: a smoke run on one case, a benchmark) warn once per process instead.
+
+    Raises:
+        DataError: ``source`` repeats a case, and ``allow`` is not set.
+    """
+    problems = overlap_problems(lists)
+    if not problems:
+        return
+    line = f"{source}: {'; '.join(problems)}"
+    if not allow:
+        raise DataError(f"{line}; list each case once, or pass --allow_datalist_overlap true if this is meant")
+    if line not in _WARNED:  # once per process: training reads its data set for each split
+        _WARNED.add(line)
+        logger.warning("%s (--allow_datalist_overlap true: the run goes on)", line)
 
 
 def _header(path: str) -> tuple[tuple[int, ...], np.ndarray, int]:
@@ -619,11 +641,12 @@ def inference_inputs(
     domain: Mapping | None = None,
     strict_domain: bool = False,
     output_dir: str | os.PathLike | None = None,
+    postfix: str = "seg",
 ) -> list[dict]:
     """Cases to predict from a file, a DICOM series folder, a folder of both, a datalist json or a list of paths,
     every one checked by :func:`check_cases` before anything is predicted or written, and, given the ``output_dir``
-    of a ``SaveImaged`` rooted at :func:`input_root`, each with an output file of its own that is not an input
-    (:func:`output_root`).
+    of a ``SaveImaged`` rooted at :func:`input_root` (with ``postfix``), each with an output file of its own that is
+    not an input (:func:`output_root`).
 
     Raises:
         DataError: nothing to predict, or inputs that cannot be read, hold NaN/Inf, are constant or have the wrong
@@ -637,7 +660,7 @@ def inference_inputs(
     cases = [{"image": p} for p in paths]
     check_cases(cases, in_channels=in_channels, domain=domain, strict_domain=strict_domain)
     if output_dir is not None:
-        output_root(cases, output_dir)
+        output_root(cases, output_dir, postfix)
     return cases
 
 
@@ -860,12 +883,19 @@ class WarnIfNotCTd(MapTransform):
 
 
 class PathSafeSpacingd(Spacingd):
-    """``monai.transforms.Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone.
+    """``monai.transforms.Spacingd`` that leaves non-dictionary ``<key>_*`` entries alone, and whose inverse resamples
+    a 3D volume back slab by slab.
 
     After resampling a NIfTI image, MONAI 1.6.1's ``Spacingd`` calls ``d[k].update(meta)`` on every ``<key>_*`` entry,
     taking each for a metadata dictionary; MONAI Label puts the study's path into the data as the string
     ``image_path`` (and reads it back when writing the result), so every NIfTI study failed with ``AttributeError``.
     Such entries are set aside during the call and put back unchanged.
+
+    The inverse (what ``Invertd`` runs to bring a prediction back to the input's grid) is MONAI's own resampling, run on
+    slabs of the output grid of at most as many voxels as the input has: MONAI's single call builds a float64 sampling
+    grid of the whole original volume (about 40 bytes a voxel, 10 GB for a 512 x 512 x 1000 CT) while the network ran
+    on a grid about ten times smaller. A label map (an integer tensor resampled with ``nearest``) keeps its dtype, so a
+    uint8 prediction stays one byte a voxel; other tensors come back float32, as from MONAI.
     """
 
     def __call__(self, data: Mapping, lazy: bool | None = None) -> dict:
@@ -874,6 +904,79 @@ class PathSafeSpacingd(Spacingd):
         d = super().__call__({k: v for k, v in data.items() if k not in aside}, lazy=lazy)
         d.update(aside)
         return d
+
+    def inverse(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._invert_by_slabs(d[key]) if d[key].ndim == 4 else self.spacing_transform.inverse(d[key])
+        return d
+
+    def _invert_by_slabs(self, img: MetaTensor) -> MetaTensor:
+        """``SpatialResample.inverse`` of ``img`` (channel-first 3D), computed over slabs of the last axis."""
+        resample = self.spacing_transform.sp_resample
+        transform = resample.pop_transform(img)
+        info = transform[TraceKeys.EXTRA_INFO]
+        affine = info["src_affine"]  # the grid before Spacing: where the inverse goes back to
+        size = [int(s) for s in transform[TraceKeys.ORIG_SIZE]]
+        mode = info["mode"]
+        label_map = mode in ("nearest", 0) and not img.is_floating_point()
+        out = torch.empty((img.shape[0], *size), dtype=img.dtype if label_map else torch.float32, device=img.device)
+        step = max(1, min(size[2], int(np.prod(img.shape[1:])) // (size[0] * size[1])))
+        options = {
+            "mode": mode,
+            "padding_mode": info["padding_mode"],
+            "align_corners": False if info["align_corners"] == TraceKeys.NONE else info["align_corners"],
+            "dtype": get_torch_dtype_from_string(info["dtype"]),
+        }
+        with resample.trace_transform(False):
+            for start in range(0, size[2], step):
+                stop = min(size[2], start + step)
+                slab_affine = affine @ torch.tensor(create_translate(3, (0, 0, start)), dtype=affine.dtype)
+                slab = resample(img, dst_affine=slab_affine, spatial_size=(size[0], size[1], stop - start), **options)
+                out[..., start:stop] = slab.as_tensor()
+        result = MetaTensor(out, meta=dict(img.meta), applied_operations=img.applied_operations)
+        result.affine = affine
+        return result
+
+
+class WholeFileSaveImaged(SaveImaged):
+    """``monai.transforms.SaveImaged`` that leaves no partial file: where writing fails (a disk that fills during the
+    run, a folder made read-only), the file this call began is removed and the error names it and its cause in one
+    line. MONAI's ``SaveImage`` tries its next writer and then raises "cannot find a suitable writer ... install the
+    writer libraries", leaving the truncated file behind; ITK's NIfTI writer can even report success on a full disk
+    (it prints "NWAD: wrote only 0 of ... bytes"), so a written ``.gz`` is read through once (its length and CRC).
+    """
+
+    def _targets(self, data: Mapping) -> dict[str, int | None]:
+        """The file each key would be written to, with its modification time now (None: not there)."""
+        saver = self.saver
+        targets = {}
+        for key in self.key_iterator(dict(data)):
+            path = saver.folder_layout.filename(**saver.fname_formatter(getattr(data[key], "meta", {}), saver))
+            targets[path] = os.stat(path).st_mtime_ns if os.path.exists(path) else None
+        return targets
+
+    def __call__(self, data: Mapping) -> dict:
+        before = self._targets(data)
+        try:
+            written = super().__call__(data)
+            for path in before:
+                if path.endswith(".gz"):
+                    with gzip.open(path) as stream:
+                        while stream.read(1 << 24):
+                            pass
+            return written
+        except Exception as error:
+            reasons = [line.strip() for line in str(error).splitlines() if "Error" in line]
+            reason = reasons[-1] if reasons else f"{type(error).__name__}: {error}"
+            if isinstance(error, (EOFError, gzip.BadGzipFile)):
+                free = shutil.disk_usage(os.path.dirname(next(iter(before)))).free
+                reason = f"the written file is truncated, {free / 2**20:.2f} MB free: {type(error).__name__}: {error}"
+            removed = [p for p, mtime in before.items() if os.path.exists(p) and os.stat(p).st_mtime_ns != mtime]
+            for path in removed:
+                os.remove(path)
+            names = ", ".join(removed or before)
+            raise OSError(f"{names}: could not be written ({reason}); no partial file is left") from error
 
 
 class CheckLabeld(MapTransform):

@@ -30,7 +30,7 @@ from monai.transforms import (
 )
 from monai.utils import convert_to_dst_type
 
-from swin_unetr_kit.data import DataError, build_datalist, check_cases, seeded_split
+from swin_unetr_kit.data import DataError, build_datalist, check_cases, refuse_overlap, seeded_split
 
 logger = logging.getLogger(__name__)
 
@@ -355,12 +355,15 @@ def load_task_datalist(
     label_fraction: float = 1.0,
     check: bool = True,
     strict_domain: bool = False,
+    allow_overlap: bool = False,
 ) -> list[dict]:
     """One split of an MSD data set: ``training``/``validation`` from the seeded k-fold split of the labelled cases
     (``training`` cut to ``label_fraction``), or ``test``; every file checked against the task when ``check`` is set
-    (:func:`swin_unetr_kit.data.check_cases`, with the task's ``domain``)."""
+    (:func:`swin_unetr_kit.data.check_cases`, with the task's ``domain``). A case listed twice (it could land in both
+    folds' parts) is refused unless ``allow_overlap`` (:func:`swin_unetr_kit.data.refuse_overlap`)."""
     check_dataset_json(dataset_dir, settings)
     lists = build_datalist(dataset_dir, datalist_file, val_fraction=0.0, seed=seed)
+    refuse_overlap(lists, datalist_file or Path(dataset_dir) / "dataset.json", allow_overlap)
     labelled = lists.get("training", []) + lists.get("validation", [])
     if split in ("training", "validation"):
         if len(labelled) < num_folds:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import glob
 import logging
 import os
 import sys
@@ -71,11 +72,19 @@ def network_flags(network: torch.nn.Module, component: str = "network_def") -> t
     return network
 
 
-def unknown_settings(argv: Sequence[str] | None = None) -> list[str]:
-    """Warn about each ``--name`` of a ``python -m monai.bundle run`` command line (``argv``, default ``sys.argv``)
-    whose top-level part is no setting of its config files: MONAI adds such an override as a new, unused entry, so
-    ``--learning_rat 1e-3`` or ``--num_epochs 5`` would change nothing without a word. A warning rather than an error,
-    as one command line often serves training and inference, whose configs differ. Returns the warnings."""
+def unknown_settings(argv: Sequence[str] | None = None, allow: bool = False) -> list[str]:
+    """Check each ``--name`` of a ``python -m monai.bundle run`` command line (``argv``, default ``sys.argv``) whose
+    top-level part is no setting of its config files: MONAI adds such an override as a new, unused entry, so
+    ``--learning_rat 1e-3`` or ``--num_epochs 5`` would change nothing without a word.
+
+    A name that no config of the bundle knows (the ``*.json`` beside the first config file) is a typo: refused, with
+    the closest known setting, unless ``allow`` (``--allow_unknown_settings true``). A setting of another of the
+    bundle's configs (``--num_samples`` given to inference, as one command line may serve training and inference) is
+    warned about only. Returns the warnings.
+
+    Raises:
+        ValueError: unknown names and not ``allow``: one line naming them, the config files and the way on.
+    """
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or not argv[0].endswith(os.path.join("monai", "bundle", "__main__.py")) or argv[1] != "run":
         return []
@@ -87,14 +96,31 @@ def unknown_settings(argv: Sequence[str] | None = None) -> list[str]:
     files = values.get("config_file", "")
     files = ast.literal_eval(files) if files.strip().startswith("[") else [files]
     known = set(ConfigParser.load_config_files(files))
-    warnings = []
+    siblings = sorted(set(glob.glob(os.path.join(os.path.dirname(files[0]), "*.json"))) - set(files))
+    elsewhere = {
+        key.split("#", 1)[0]
+        for sibling in siblings
+        if os.path.basename(sibling) != "metadata.json"
+        for key in ConfigParser.load_config_file(sibling)
+    }
+    warnings, typos = [], []
     for name in names:
         top = name.split("#", 1)[0]
         if top in known or top in BUNDLE_RUN_ARGUMENTS:
             continue
+        if top in elsewhere:
+            warnings.append(f"--{name}: a setting of another of the bundle's configs, not of {', '.join(files)}")
+            logger.warning(warnings[-1])
+            continue
         close = difflib.get_close_matches(top, known, n=1, cutoff=0.7)
-        hint = f" (did you mean --{close[0]}?)" if close else ""
-        warnings.append(f"--{name}: no such setting in {', '.join(files)}; it changes nothing{hint}")
+        typos.append(f"--{name}" + (f" (did you mean --{close[0]}?)" if close else ""))
+    if typos and not allow:
+        raise ValueError(
+            f"{', '.join(typos)}: no such setting in {', '.join(files)}; correct the name, or pass "
+            "--allow_unknown_settings true to run with it ignored"
+        )
+    for typo in typos:
+        warnings.append(f"{typo}: no such setting in {', '.join(files)}; it changes nothing (--allow_unknown_settings)")
         logger.warning(warnings[-1])
     return warnings
 

@@ -34,6 +34,7 @@ from ignite.metrics import Average
 from matplotlib.figure import Figure
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.data.utils import create_file_basename
 from monai.engines.utils import IterationEvents, PrepareBatch
 from monai.losses import ContrastiveLoss
 from monai.networks.nets.swin_unetr import SwinTransformer
@@ -386,18 +387,29 @@ class SSLPredictionWriter:
     before masking, what the reconstruction aims at), ``<case>_ssl.png`` (the three on the central slices of each
     axis) and ``<case>_rotation.json`` (the rotation applied and the one predicted, with the class probabilities, and
     the L1 distance to the target of the reconstruction and of the masked view). Volumes are written in Hounsfield
-    units when ``hu_window`` (the scaling of the pre-processing) is given, else in the network's [0, 1] scale.
+    units when ``hu_window`` (the scaling of the pre-processing) is given, else in the network's [0, 1] scale. As
+    MONAI's ``SaveImage`` with ``data_root_dir``, a case keeps its folder below ``data_root_dir``, so that
+    ``p1/img.nii.gz`` and ``p2/img.nii.gz`` get an output each (:func:`swin_unetr_kit.data.inference_inputs` refuses
+    inputs that would still share one).
 
     Args:
         output_dir: output folder.
         in_channels: image channels (the first channels of the prediction are the reconstruction).
         hu_window: the HU range that pre-processing scaled to [0, 1], to undo it in the written volumes.
+        data_root_dir: the folder the inputs have in common (:func:`swin_unetr_kit.data.input_root`).
     """
 
-    def __init__(self, output_dir: str, in_channels: int = 1, hu_window: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        in_channels: int = 1,
+        hu_window: Sequence[float] | None = None,
+        data_root_dir: str = "",
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.in_channels = in_channels
         self.hu_window = (float(hu_window[0]), float(hu_window[1])) if hu_window is not None else None
+        self.data_root_dir = data_root_dir
 
     def _volume(self, data: torch.Tensor, meta: dict) -> MetaTensor:
         volume = torch.as_tensor(data).detach().cpu().float()
@@ -410,14 +422,15 @@ class SSLPredictionWriter:
         # "image" is the network's input (the masked view 1 of :class:`SSLFirstViewBatch`), "target1" the unmasked one
         view, target, pred = d["image"], d["target1"], torch.as_tensor(d["pred"]).detach().cpu().float()
         meta = dict(getattr(target, "meta", {}))
-        source = str(meta.get("filename_or_obj", "case"))
-        name = Path(source.rstrip("/")).name.split(".")[0] or "case"
+        source = str(meta.get("filename_or_obj", "case")).rstrip("/")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        base = create_file_basename("", source, str(self.output_dir), self.data_root_dir, False)  # <out>/<sub>/<case>
+        name = Path(base).name
         volumes = {
             "view": self._volume(view, meta),
             "reconstruction": self._volume(pred[: self.in_channels], meta),
             "target": self._volume(target, meta),
         }
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         for postfix, volume in volumes.items():
             writer = SaveImage(
                 output_dir=str(self.output_dir),
@@ -425,9 +438,10 @@ class SSLPredictionWriter:
                 output_dtype=np.float32,
                 resample=False,
                 separate_folder=False,
+                data_root_dir=self.data_root_dir,
                 print_log=False,
             )
-            writer(volume, meta_data={**meta, "filename_or_obj": name})
+            writer(volume, meta_data={**meta, "filename_or_obj": source})
         probabilities = pred[self.in_channels :].flatten(1)[:, 0]
         applied, predicted = int(d["rotation1"]), int(probabilities.argmax())
         target_scaled = torch.as_tensor(target).detach().cpu().float()
@@ -440,8 +454,8 @@ class SSLPredictionWriter:
             "reconstruction_l1": float((pred[: self.in_channels] - target_scaled).abs().mean()),
             "masked_view_l1": float((torch.as_tensor(view).detach().cpu().float() - target_scaled).abs().mean()),
         }
-        (self.output_dir / f"{name}_rotation.json").write_text(json.dumps(summary, indent=2) + "\n")
-        save_figure(_views_figure(volumes, name, summary), self.output_dir / f"{name}_ssl.png")
+        Path(f"{base}_rotation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        save_figure(_views_figure(volumes, name, summary), Path(f"{base}_ssl.png"))
         logger.info(
             "%s: rotation %d° applied, %d° predicted (p=%.2f); L1 to the unmasked crop: reconstruction %.4f, "
             "masked view %.4f",

@@ -41,6 +41,7 @@ def test_each_rank_draws_its_own_crops(bundle, tmp_path):
         (tmp_path / "data" / "one_case.json").write_text(json.dumps({"training": [case], "validation": [case]}))
         files = configs("train", "multi_gpu_train")
         overrides = {"dataset_dir": str(tmp_path / "data"), "datalist": str(tmp_path / "data" / "one_case.json")}
+        overrides["allow_datalist_overlap"] = True  # the one case in both parts, meant
         overrides["pixdim"] = [1.5, 1.5, 1.5]  # 96 x 88 x 80 voxels: room for the 64^3 crop to move
     else:
         task = "Task09_Spleen"

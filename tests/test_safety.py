@@ -343,33 +343,69 @@ def test_ssl_discovery_counts_each_ct_once_through_a_symlink_loop(tmp_path):
 # --- 13. settings and datalists that were silently ignored ------------------------------------------------------------
 
 
-def test_a_datalist_with_a_case_twice_or_in_both_parts_is_named(tmp_path):
+def test_a_datalist_with_a_case_twice_or_in_both_parts_is_refused_unless_meant(tmp_path):
     data = tmp_path / "data"
     cases = [write_ct_case(data, f"case{i}", seed=i) for i in range(2)]
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps({"training": [cases[0], cases[0], cases[1]], "validation": [cases[1]]}))
     bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
     report = probe(tmp_path, "cases", "{'training': len(@train#dataset.data)}")
-    result = bundle_run(bundle, ["configs/train.json", report], dataset_dir=str(data), datalist=str(datalist))
+    refused = bundle_run(bundle, ["configs/train.json", report], dataset_dir=str(data), datalist=str(datalist))
+    assert refused.returncode != 0
+    assert output(refused).rstrip().splitlines()[-1] == (
+        f"swin_unetr_kit.data.DataError: {datalist}: 1 images listed twice or more in 'training' (first: "
+        f"{cases[0]['image']}); 1 cases in both 'training' and 'validation' (first: {cases[1]['image']}), so the "
+        "validation score is not of unseen data; list each case once, or pass --allow_datalist_overlap true if this "
+        "is meant"
+    )
+    meant = {"dataset_dir": str(data), "datalist": str(datalist), "allow_datalist_overlap": "true"}
+    result = bundle_run(bundle, ["configs/train.json", report], **meant)
     assert effects(result) == {"training": 3}
-    assert f"{datalist}: 1 images listed twice or more in 'training' (first: {cases[0]['image']})" in output(result)
-    assert f"{datalist}: 1 cases in both 'training' and 'validation' (first: {cases[1]['image']})" in output(result)
+    assert f"{datalist}: 1 images listed twice or more in 'training'" in output(result)
 
 
-def test_a_mistyped_setting_is_named_with_the_setting_meant(tmp_path):
+def test_msd_datalist_with_a_case_twice_is_refused(tmp_path):
+    task = "Task09_Spleen"
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=3)
+    description = json.loads((dataset / "dataset.json").read_text())
+    description["training"].append(description["training"][0])  # a case twice: k-fold could split it across parts
+    (dataset / "dataset.json").write_text(json.dumps(description))
+    bundle = bundle_copy("swin_unetr_msd", tmp_path)
+    report = probe(tmp_path, "cases", "{'training': len(@train#dataset.data)}")
+    result = bundle_run(bundle, ["configs/train.json", report], task=task, dataset_dir=str(dataset), num_folds=2)
+    assert result.returncode != 0
+    last = output(result).rstrip().splitlines()[-1]
+    assert last.startswith(f"swin_unetr_kit.data.DataError: {dataset / 'dataset.json'}: 1 images listed twice or more")
+    assert last.endswith("list each case once, or pass --allow_datalist_overlap true if this is meant")
+
+
+def test_a_mistyped_setting_is_refused_with_the_setting_meant(tmp_path):
     bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
     report = probe(tmp_path, "nothing", "{}")
     typos = {"learning_rat": 0.001, "num_epochs": 5, "resum": "false", "seed": 3}
     result = bundle_run(bundle, ["configs/train.json", report], **typos)
+    assert result.returncode != 0 and "EFFECTS" not in result.stdout
+    assert output(result).rstrip().splitlines()[-1] == (
+        "ValueError: --learning_rat (did you mean --learning_rate?), --num_epochs, --resum (did you mean --resume?): "
+        f"no such setting in configs/train.json, {report}; correct the name, or pass --allow_unknown_settings true to "
+        "run with it ignored"
+    )
+    allowed = bundle_run(bundle, ["configs/train.json", report], **typos, allow_unknown_settings="true")
+    assert effects(allowed) == {}
+    assert "--num_epochs: no such setting in" in output(allowed)
+    assert "--seed" not in output(allowed)
+
+
+def test_a_setting_of_another_config_is_warned_about_not_refused(tmp_path):
+    """One command line may serve training and inference: a setting of the bundle's training config given to
+    inference changes nothing there, and says so."""
+    bundle = bundle_copy("swin_unetr_btcv_seg", tmp_path)
+    report = probe(tmp_path, "nothing", "{}")
+    result = bundle_run(bundle, ["configs/inference.json", report], num_samples=1, learning_rate=0.001)
     assert effects(result) == {}
-    files = f"configs/train.json, {report}"
-    for line in (
-        f"--learning_rat: no such setting in {files}; it changes nothing (did you mean --learning_rate?)",
-        f"--num_epochs: no such setting in {files}; it changes nothing",
-        f"--resum: no such setting in {files}; it changes nothing (did you mean --resume?)",
-    ):
-        assert line in output(result)
-    assert "--seed:" not in output(result)
+    files = f"configs/inference.json, {report}"
+    assert f"--num_samples: a setting of another of the bundle's configs, not of {files}" in output(result)
+    assert f"--learning_rate: a setting of another of the bundle's configs, not of {files}" in output(result)
 
 
 # --- 6. a full disk or a read-only folder stops inference before the network runs ------------------------------------

@@ -533,6 +533,7 @@ def make_weights(
     datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
     overrides = {**SIZES[size], "num_workers": 0, "dataset_dir": dataset_dir, "datalist": str(datalist)}
     overrides.update({"bundle_root": str(work), "check_data": False, "resume": False, "val_interval": 10**6})
+    overrides["allow_datalist_overlap"] = True  # the one sample CT is both parts: weights to time, not to validate
     overrides.update({"learning_rate": learning_rate, "train#trainer#max_epochs": 1, "warmup_epochs": 0})
     overrides.update({"roi_size": [crop] * 3, "num_samples": 1})
     overrides["train#trainer#epoch_length"] = iterations
@@ -691,6 +692,7 @@ def main(
             overrides = {**base, **settings, **(train_overrides or {}), "dataset_dir": dataset_dir}
             overrides["datalist"] = str(datalist)
             overrides.update({"bundle_root": str(folder), "check_data": False, "resume": False})
+            overrides["allow_datalist_overlap"] = True  # the sample CT twice, meant (see the datalist above)
             row = results["training"][name] = _child(
                 env, "train_worker", overrides, str(iterations), str(warmup), timeout=pipeline_timeout
             )
