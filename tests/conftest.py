@@ -101,6 +101,21 @@ def sample_dataset() -> Path:
     return Path(sample_data.prepare())
 
 
+@pytest.fixture(scope="session")
+def btcv_trained_run(synthetic_dataset, tmp_path_factory) -> Path:
+    """A BTCV run folder (``bundle_root``) trained once per session: two epochs of :data:`SMALL` on the synthetic
+    cases, validation every epoch. Tests that add to it or resume it work on a copy (:func:`copy_run`)."""
+    root = tmp_path_factory.mktemp("btcv_run")
+    common = {**SMALL, "bundle_root": str(root), "dataset_dir": str(synthetic_dataset)}
+    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 2, "val_interval": 1})
+    return root
+
+
+def copy_run(run: Path, destination: Path) -> Path:
+    """A private copy of a shared run folder, to evaluate, infer or resume in without touching the original."""
+    return Path(shutil.copytree(run, destination, dirs_exist_ok=True))
+
+
 def configs(*names: str, bundle: Path = BTCV_BUNDLE) -> list[str]:
     return [str(bundle / "configs" / f"{n}.json") for n in names]
 
