@@ -19,7 +19,13 @@ BTCV_BUNDLE = REPO / "bundles" / "swin_unetr_btcv_seg"
 SCHEMA = REPO.parent / "shared" / "schema" / "meta_schema_20240725.json"
 sys.path.insert(0, str(REPO / "tools"))
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# pytest-xdist (pyproject addopts) runs the tests in several workers: each worker, and the processes it starts, gets
+# an equal share of the cores, so that workers do not fight over them
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, (os.cpu_count() or 1) // WORKERS)
+torch.set_num_threads(THREADS)
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 # the smallest configuration SwinUNETR runs at: feature_size 12 and a 64^3 window (32^3 fails inside the network)
 SMALL = {
@@ -94,11 +100,28 @@ def synthetic_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_dataset() -> Path:
+def sample_dataset(tmp_path_factory) -> Path:
     """The real sample CT (fetched once through pip, then cached): see tools/sample_data.py."""
     import sample_data
+    from filelock import FileLock
 
-    return Path(sample_data.prepare())
+    with FileLock(tmp_path_factory.getbasetemp().parent / "sample_data.lock"):  # one xdist worker builds it
+        return Path(sample_data.prepare())
+
+
+@pytest.fixture(scope="session")
+def btcv_trained_run(synthetic_dataset, tmp_path_factory) -> Path:
+    """A BTCV run folder (``bundle_root``) trained once per session: two epochs of :data:`SMALL` on the synthetic
+    cases, validation every epoch. Tests that add to it or resume it work on a copy (:func:`copy_run`)."""
+    root = tmp_path_factory.mktemp("btcv_run")
+    common = {**SMALL, "bundle_root": str(root), "dataset_dir": str(synthetic_dataset)}
+    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 2, "val_interval": 1})
+    return root
+
+
+def copy_run(run: Path, destination: Path) -> Path:
+    """A private copy of a shared run folder, to evaluate, infer or resume in without touching the original."""
+    return Path(shutil.copytree(run, destination, dirs_exist_ok=True))
 
 
 def configs(*names: str, bundle: Path = BTCV_BUNDLE) -> list[str]:

@@ -61,24 +61,6 @@ def test_btcv_commands(synthetic_dataset, tmp_path):
     assert "as its record says" in log and (folder / "eval" / "test0_seg.nii.gz").is_file()
 
 
-def test_msd_commands(tmp_path):
-    folder = fresh_copy(MSD_BUNDLE, tmp_path)
-    task = "Task09_Spleen"
-    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, MSD_BUNDLE / "configs" / "tasks.json"), 3)
-    small = {k: v for k, v in SMALL.items() if k != "pixdim"} | {"dataset_dir": str(dataset)}
-    monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small, **ONE_STEP, num_folds=3)
-    for name in ("model.pt", "latest.pt"):
-        assert_recorded(folder / "models" / task / "fold0of3" / name)  # the run's own folder
-    assert_recorded(folder / "models" / "model.pt")  # the copy MONAI Label serves
-
-    log = monai_bundle(folder, "run", "evaluating", "--config_file", TRAIN_AND_EVALUATE, **small, num_folds=3)
-    assert "as its record says" in log
-
-    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
-    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference, num_folds=3)
-    assert "as its record says" in log
-
-
 def test_ssl_commands(tmp_path):
     folder = fresh_copy(SSL_BUNDLE, tmp_path)
     for i in range(3):
@@ -121,7 +103,8 @@ def bundle_run(cwd: Path, *args: str, **overrides) -> str:
 def test_msd_from_another_folder_with_bundle_root_elsewhere_and_its_own_task_table(tmp_path):
     """The MSD bundle run as the BTCV and SSL bundles are in the repository README: from the repository root, with
     ``--bundle_root runs/msd`` (outputs there, the task table still the bundle's); and ``--tasks_file`` read by every
-    step, the metadata written beside the model included."""
+    step, the metadata written beside the model included; then the bundle folder's ``run training``, ``run evaluating``
+    (train + evaluate, and inference) with ``--meta_file`` and ``--logging_file`` as the README prints them."""
     shutil.copytree(MSD_BUNDLE, tmp_path / "bundles" / MSD_BUNDLE.name)
     configs = "bundles/swin_unetr_msd/configs/"
     task = "Task09_Spleen"
@@ -140,23 +123,26 @@ def test_msd_from_another_folder_with_bundle_root_elsewhere_and_its_own_task_tab
     bundle_run(tmp_path, "evaluating", "--config_file", configs + "inference.json", bundle_root="runs/msd", **inference)
     assert list((tmp_path / "runs" / "msd" / "predictions" / task / "fold0of3").rglob("*.nii.gz"))
 
-    # a task table of one's own (the spleen renamed) names the classes of the model and of the metadata beside it
+    # the README's three commands from the bundle folder (with --meta_file and --logging_file), over a task table of
+    # one's own (the spleen renamed): it names the classes of the model and of the metadata beside it
     table = json.loads((MSD_BUNDLE / "configs" / "tasks.json").read_text())
     table[task]["labels"]["1"] = "milt"
     (tmp_path / "my_tasks.json").write_text(json.dumps(table))
-    bundle_run(
-        tmp_path / "bundles" / MSD_BUNDLE.name,
-        "training",
-        "--config_file",
-        "configs/train.json",
-        tasks_file=str(tmp_path / "my_tasks.json"),
-        **small,
-        **ONE_STEP,
-    )
-    meta = json.loads(
-        (tmp_path / "bundles" / MSD_BUNDLE.name / "models" / task / "fold0of3" / "metadata.json").read_text()
-    )
+    folder = tmp_path / "bundles" / MSD_BUNDLE.name
+    small["tasks_file"] = str(tmp_path / "my_tasks.json")
+    monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small, **ONE_STEP)
+    for name in ("model.pt", "latest.pt"):
+        assert_recorded(folder / "models" / task / "fold0of3" / name)  # the run's own folder
+    assert_recorded(folder / "models" / "model.pt")  # the copy MONAI Label serves
+    meta = json.loads((folder / "models" / task / "fold0of3" / "metadata.json").read_text())
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "milt"
+
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", TRAIN_AND_EVALUATE, **small)
+    assert "as its record says" in log
+    assert "milt" in json.loads((folder / "eval" / task / "fold0of3" / "metrics.json").read_text())["summary"]["dice"]
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
+    assert "as its record says" in log
 
 
 def test_swinmm_runs_write_to_folders_of_their_own(synthetic_dataset, tmp_path):

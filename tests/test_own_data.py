@@ -190,7 +190,7 @@ def test_own_ct_data_nnunet_layout_plans_trains_evaluates_and_infers(tmp_path, s
             cwd=bundle,
             **common,
             pretrained_ckpt=str(ssl_checkpoint),
-            **{"train#trainer#max_epochs": 1, "val_interval": 1},
+            **{"train#trainer#max_epochs": 1, "train#trainer#epoch_length": 1, "val_interval": 1},
         )
     )
     assert "plan for Dataset042_Torso" in log and "fingerprint of 3 cases" in log
@@ -240,7 +240,7 @@ def test_own_two_channel_mri_nnunet_layout_trains_and_infers(tmp_path):
             output_dir=str(runs / "eval"),
             num_folds=2,
             pixdim=[2.4, 2.4, 4.0],
-            **{"train#trainer#max_epochs": 1, "val_interval": 1},
+            **{"train#trainer#max_epochs": 1, "train#trainer#epoch_length": 1, "val_interval": 1},
         )
     )
     plan = json.loads((runs / "plan.json").read_text())[task]

@@ -294,6 +294,8 @@ def test_lower_case_false_inside_the_network_component_turns_the_switch_off(conf
     switches = {"network_def#use_checkpoint": "false", "network_def#use_flash_attention": "false"}
     result = bundle_run(bundle, [f"configs/{config}.json", report], dataset_dir=str(data), **switches)
     assert effects(result) == {"switches": [("use_checkpoint", False), ("use_flash_attention", False)]}
+    if config == "inference":  # the same network_flags reads the switches in both configs: one misspelling is enough
+        return
     result = bundle_run(
         bundle, [f"configs/{config}.json", report], dataset_dir=str(data), **{"network_def#use_checkpoint": "nope"}
     )

@@ -496,7 +496,7 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
         workflow_type="train",
         **common,
         pretrained_ckpt=str(pretrained),
-        **{"train#trainer#max_epochs": 1, "val_interval": 1},
+        **{"train#trainer#max_epochs": 1, "train#trainer#epoch_length": 1, "val_interval": 1},
     )
     seg.initialize()
     network = seg.parser.get_parsed_content("network")

@@ -92,7 +92,8 @@ def test_btcv_training_and_evaluation_records(synthetic_dataset, tmp_path, capfd
     run's settings as parameters, per-organ Dice (and HD95) besides the means, the learning rate, and the reports and
     pictures as artifacts; TensorBoard has the learning rate, per-organ Dice and the evaluated case as images."""
     common = {**SMALL, "bundle_root": str(tmp_path), "dataset_dir": str(synthetic_dataset), "tracking": "mlflow"}
-    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 1, "val_interval": 1})
+    one_step = {"train#trainer#max_epochs": 1, "train#trainer#epoch_length": 1, "val_interval": 1}
+    run_workflow(configs("train"), **common, **one_step)
     capfd.readouterr()
     writer = logging.getLogger("monai.data.image_writer")  # MONAI's own logger, which does not propagate
     writer.addHandler(caplog.handler)
