@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sysconfig
+import sys
 import venv
 from pathlib import Path
 
@@ -33,15 +33,16 @@ def installed(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def python_without_the_kit(tmp_path_factory) -> str:
-    """A virtual environment that sees this environment's packages (monai, torch, ...) through a path file, but not
-    their path files, so that the checkout's editable install of ``swin_unetr_kit`` is not there."""
+    """A virtual environment that sees this interpreter's site-packages folders (monai, torch, ...) through a path
+    file, but not their own path files, so that the checkout's editable install of ``swin_unetr_kit`` is not there."""
     folder = tmp_path_factory.mktemp("venv")
     venv.EnvBuilder(with_pip=False).create(folder)
     python = str(folder / "bin" / "python")
-    site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"], capture_output=True)
-    Path(site.stdout.decode().strip()).mkdir(parents=True, exist_ok=True)
-    paths = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
-    (Path(site.stdout.decode().strip()) / "packages.pth").write_text("\n".join(paths) + "\n")
+    ask = [python, "-c", "import site; print(site.getsitepackages()[0])"]
+    own = subprocess.run(ask, capture_output=True, text=True)
+    Path(own.stdout.strip()).mkdir(parents=True, exist_ok=True)
+    packages = [p for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    (Path(own.stdout.strip()) / "packages.pth").write_text("\n".join(packages) + "\n")
     probe = subprocess.run(
         [python, "-c", "import monai, importlib.util; print(importlib.util.find_spec('swin_unetr_kit'))"],
         cwd=folder,
