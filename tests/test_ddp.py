@@ -50,11 +50,11 @@ def test_each_rank_draws_its_own_crops(bundle, tmp_path):
         overrides = {"bundle_root": str(MSD_BUNDLE), "task": task, "dataset_dir": str(dataset), "num_folds": 2}
         overrides["pixdim"] = [0.5, 0.5, 0.8]  # 88 x 88 x 72 voxels
         overrides["ckpt_dir"] = str(tmp_path / "models")
-    # instead of training, each rank saves its crops of three epochs
+    # instead of training, each rank saves its crops of three epochs (after the setup: process group, seed + rank)
     probe = tmp_path / "probe.json"
     crops = "[b['image'].as_tensor() for _ in range(3) for b in @train#dataloader]"
     save = f"torch.save({crops}, '{tmp_path}/crops' + str(dist.get_rank()) + '.pt')"
-    probe.write_text(json.dumps({"run": [f"${save}"]}))
+    probe.write_text(json.dumps({"run": ["@setup", f"${save}"]}))
     torchrun_bundle([*files, str(probe)], port=29610 if bundle == "btcv" else 29611, **{**SMALL, **overrides})
     rank0, rank1 = (torch.load(tmp_path / f"crops{rank}.pt") for rank in (0, 1))
     assert [c.shape for c in rank0] == [c.shape for c in rank1] == [torch.Size([1, 1, 64, 64, 64])] * 3

@@ -73,4 +73,4 @@ def test_bundles_default_to_the_fast_settings(config):
         assert parser["network_def"]["use_flash_attention"] is True
         keep = parser["cpu_keep_freed_memory"]  # training: always; inference: where PyTorch runs the network
         assert keep is True if config == "train.json" else keep == "$@cpu_inference.runtime == 'torch'"
-        assert any("tune_cpu_allocator" in step for step in parser["initialize"])
+        assert any("tune_cpu_allocator" in step for step in parser["setup"])

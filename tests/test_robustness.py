@@ -81,10 +81,11 @@ def effects(result: subprocess.CompletedProcess) -> dict:
 
 def probe(tmp_path: Path, name: str, report: str, **settings) -> str:
     """An override file whose ``run`` prints what the settings did (``report``: a Python dict expression over the
-    config's items) instead of training or evaluating; ``settings`` go into the same file, as in a user's override
-    file."""
+    config's items) after the bundle's ``setup`` instead of training or evaluating; ``settings`` go into the same
+    file, as in a user's override file."""
     path = tmp_path / f"{name}.json"
-    path.write_text(json.dumps({**settings, "run": [f"$print('EFFECTS', repr({report}))"], "finalize": []}))
+    run = ["@setup", f"$print('EFFECTS', repr({report}))"]
+    path.write_text(json.dumps({**settings, "run": run, "finalize": []}))
     return str(path)
 
 

@@ -116,6 +116,7 @@ def _initialized_workflow(config: str, workflow_type: str, settings: dict):
         to_device = {"_target_": "ToDeviced", "keys": ["image", "label"], "device": "@device"}
         workflow.parser["deterministic_transforms"] = [*workflow.parser["deterministic_transforms"], to_device]
     workflow.initialize()
+    workflow.parser.get_parsed_content("setup")  # the bundle's seed and allocator, before its components
     if channels_last:
         workflow.parser.get_parsed_content("network").to(memory_format=torch.channels_last_3d)  # in place
     return workflow
