@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preloaded_python
 import pytest
 import torch
 
@@ -78,6 +80,24 @@ def write_ct_case(
     return {"image": str(image_path), "label": str(label_path)}
 
 
+# the tests the READMEs and docs/ pages name for a printed command line (``# tested: tests/<file>.py::<test>``)
+DOCUMENTED = {
+    marker
+    for pattern in ("*.md", "docs/*.md", "bundles/*/*.md", "bundles/*/docs/*.md")
+    for page in REPO.glob(pattern)
+    for marker in re.findall(r"^# tested: (tests/\S+\.py::\w+)", page.read_text(), re.MULTILINE)
+}
+
+
+@pytest.fixture(autouse=True)
+def _documented_commands_in_fresh_interpreters(request):
+    """A test the docs name for a command line runs its commands as a user does, each in a new interpreter; the other
+    tests' commands are forked from one that has imported torch and MONAI already (``preloaded_python``)."""
+    preloaded_python.fresh_interpreters = request.node.nodeid.split("[")[0] in DOCUMENTED
+    yield
+    preloaded_python.fresh_interpreters = False
+
+
 @pytest.fixture(autouse=True)
 def _run_in_a_temporary_folder(tmp_path, monkeypatch):
     """Relative paths (bundle_root "." and its models/ and eval/) land in a temporary folder, never in the repo."""
@@ -133,7 +153,7 @@ def torchrun_bundle(config_files: list[str], port: int, **overrides) -> subproce
     args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     cmd += ["-m", "monai.bundle", "run", "training", "--config_file", json.dumps(config_files), *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = preloaded_python.run(cmd, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preloaded_python
 import pytest
 import torch
 from conftest import REPO, write_ct_case, write_msd_task
@@ -150,7 +151,7 @@ def failed_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess
         shutil.copytree(BUNDLES / bundle, folder)
         args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**TINY, **overrides}.items()]
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", *config_files, *args]
-        process = subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = preloaded_python.popen(cmd, cwd=folder, env=env)
         started[name] = (process, expected)
     results = {}
     for name, (process, expected) in started.items():

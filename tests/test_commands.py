@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
+import preloaded_python
 import torch
 from conftest import BTCV_BUNDLE, REPO, SMALL, write_ct_case, write_msd_task
 
@@ -34,7 +34,7 @@ def monai_bundle(folder: Path, *args: str, **overrides) -> str:
     cmd = [sys.executable, "-m", "monai.bundle", *args]
     cmd += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
     cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
-    result = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=600)
+    result = preloaded_python.run(cmd, cwd=folder, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(args)}:\n{log[-4000:]}"
     return log
@@ -94,7 +94,7 @@ def bundle_run(cwd: Path, *args: str, **overrides) -> str:
     """``python -m monai.bundle run <args> --key value ...`` in ``cwd``, as typed (no --meta_file); its log."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", *args]
     cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    result = preloaded_python.run(cmd, cwd=cwd, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(args)}:\n{log[-4000:]}"
     return log
@@ -197,7 +197,7 @@ def test_torchrun_with_more_processes_than_validation_cases_says_what_to_do(synt
     ]
     cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**SMALL, **ONE_STEP}.items()]
     cmd += ["--dataset_dir", str(root)]
-    result = subprocess.run(cmd, cwd=fresh_copy(BTCV_BUNDLE, tmp_path), capture_output=True, text=True, timeout=600)
+    result = preloaded_python.run(cmd, cwd=fresh_copy(BTCV_BUNDLE, tmp_path), timeout=600)
     assert result.returncode != 0
     message = (
         "swin_unetr_kit.data.DataError: 1 validation case(s) for 2 processes, and each process scores at least one: "

@@ -15,10 +15,10 @@ import ctypes.util
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import preloaded_python
 import pytest
 import torch
 from conftest import BTCV_BUNDLE, REPO, SMALL, configs
@@ -266,9 +266,7 @@ def _bundle_inference_command(dataset: Path, tmp_path: Path, *args: str, **env: 
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs("inference")[0]]
     cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     environment = {**os.environ, **env}
-    result = subprocess.run(
-        cmd + list(args), capture_output=True, text=True, timeout=600, cwd=BTCV_BUNDLE, env=environment
-    )
+    result = preloaded_python.run(cmd + list(args), timeout=600, cwd=BTCV_BUNDLE, env=environment)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert (tmp_path / "out" / "test0_seg.nii.gz").is_file()
     return result.stdout + result.stderr

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
+import preloaded_python
 from conftest import REPO
 
 
 def test_demo_writes_a_complete_report(sample_dataset, tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "demo.py"), "--out", str(out), "--epochs", "1"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    cmd = [sys.executable, str(REPO / "tools" / "demo.py"), "--out", str(out), "--epochs", "1"]
+    result = preloaded_python.run(cmd, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("$ python -m monai.bundle run") == 4  # train, 2 evaluations, inference
     # progress on the terminal while each run logs to its file, then the report: the picture, then the table
@@ -39,7 +35,7 @@ def test_demo_writes_a_complete_report(sample_dataset, tmp_path):
 def test_demo_trials_record_the_fit_of_the_training_ct(sample_dataset, tmp_path):
     out = tmp_path / "trials"
     cmd = [sys.executable, str(REPO / "tools" / "demo_trials.py"), "--trials", "demo", "--iterations", "1"]
-    result = subprocess.run([*cmd, "--every", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    result = preloaded_python.run([*cmd, "--every", "1", "--out", str(out)], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (row,) = [json.loads(line) for line in (out / "demo.jsonl").read_text().splitlines()]
     assert row["iteration"] == 1 and len(row["dice"]) == 12  # the 12 organs of the training CT (no esophagus)

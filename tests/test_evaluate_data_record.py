@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import preloaded_python
 import pytest
 import torch
 from conftest import BTCV_BUNDLE, REPO, write_msd_task
@@ -39,7 +39,7 @@ def run(bundle: Path, run_id: str, configs: list[str], **overrides) -> str:
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(configs)]
     cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=600, env=env)
+    result = preloaded_python.run(cmd, cwd=bundle, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 

@@ -5,9 +5,9 @@ window size)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
+import preloaded_python
 import pytest
 import torch
 from conftest import BTCV_BUNDLE, REPO
@@ -35,7 +35,7 @@ def test_ckpt_export_by_trace_matches_the_eager_network(tmp_path):
     cmd += ["--ckpt_file", str(tmp_path / "model.pt"), "--meta_file", str(bundle / "configs" / "metadata.json")]
     cmd += ["--config_file", config, "--use_trace", "True", "--input_shape", "[1, 1, 64, 64, 64]"]
     cmd += ["--key_in_ckpt", "model", *[f"--{k}={v}" for k, v in overrides.items()]]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = preloaded_python.run(cmd, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     extra = {"metadata.json": ""}
@@ -68,7 +68,7 @@ def test_onnx_export_matches_the_eager_network(tmp_path):
     cmd += ["--ckpt_file", str(tmp_path / "model.pt"), "--config_file", config, "--input_shape", "[2, 1, 64, 64, 64]"]
     cmd += ["--use_trace", "True", "--converter_kwargs", "{'dynamo': False}"]  # the TorchScript-based exporter
     cmd += [f"--{k}={v}" for k, v in overrides.items()]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = preloaded_python.run(cmd, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])

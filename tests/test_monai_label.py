@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import monai.bundle
 import nibabel as nib
 import numpy as np
+import preloaded_python
 import pytest
 import torch
 from conftest import BTCV_BUNDLE, REPO
@@ -372,7 +372,7 @@ def test_training_options_evaluate_before_monai_label_puts_the_bundle_on_sys_pat
     shutil.copytree(REPO / "swin_unetr_kit", installed / "swin_unetr_kit")  # as tools/zoo.py packs it
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-c", KIT_FROM_SYS_PATH_ONLY, str(installed / "configs" / "train.json"), str(installed)]
-    result = subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    result = preloaded_python.run(cmd, cwd="/", env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     options = json.loads(result.stdout.strip().splitlines()[-1])
     assert options["feature_size"] == (24 if served else 48)

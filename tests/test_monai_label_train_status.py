@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
+import preloaded_python
 import pytest
 from conftest import BTCV_BUNDLE, REPO
 
@@ -46,7 +46,7 @@ def test_a_refused_option_is_in_the_last_lines_monai_label_keeps(bundle, synthet
     records = [{k: str(synthetic_dataset / v) for k, v in c.items()} for c in cases]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-c", TRAINING_PROCESS, str(bundle), json.dumps(request), json.dumps(records)]
-    result = subprocess.run(cmd, cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    result = preloaded_python.run(cmd, cwd="/", env=env, timeout=300)
     assert result.returncode != 0
     details = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()][-20:]
     assert details[-1].startswith("ValueError: roi_edge 80: the window's edge must be a multiple of 32"), details

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
+import preloaded_python
 import torch
 from conftest import REPO, write_ct_case
 
@@ -28,7 +29,7 @@ def ssl_inference(tmp_path: Path, inputs: Path, out: Path) -> subprocess.Complet
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     cmd += ["--bundle_root", str(tmp_path), "--input", str(inputs), "--feature_size", "12"]
     cmd += ["--roi_size", "[64, 64, 64]", "--output_dir", str(out), "--progress", "false"]
-    return subprocess.run(cmd, cwd=SSL_BUNDLE, capture_output=True, text=True, timeout=300)
+    return preloaded_python.run(cmd, cwd=SSL_BUNDLE, timeout=300)
 
 
 def test_ssl_cases_of_the_same_name_in_two_folders_get_an_output_set_each(tmp_path):

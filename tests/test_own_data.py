@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preloaded_python
 import pytest
 import torch
 from conftest import REPO, SMALL
@@ -33,7 +34,7 @@ def bundle_run(run_id: str, configs: list[str], cwd: Path = MSD_BUNDLE, **overri
     args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", files, *args]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+    return preloaded_python.run(cmd, cwd=cwd, timeout=900, env=env)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import subprocess
 import sys
 
+import preloaded_python
 import pytest
 import torch
 import yaml
@@ -242,7 +242,7 @@ def test_ssl_inference_on_the_released_encoder_says_what_it_is(synthetic_dataset
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     cmd += ["--bundle_root", str(tmp_path), "--input", str(synthetic_dataset / "imagesTs"), "--progress", "false"]
     cmd += ["--feature_size", "12", "--roi_size", "[64, 64, 64]"]
-    result = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=600)
+    result = preloaded_python.run(cmd, cwd=bundle, timeout=600)
     assert result.returncode != 0
     assert "holds the released self-supervised encoder alone, not the whole SSLPredictor" in result.stderr
     assert "--pretrained_ckpt" in result.stderr

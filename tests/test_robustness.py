@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preloaded_python
 import pytest
 import torch
 from conftest import REPO, write_ct_case, write_msd_task
@@ -48,15 +49,20 @@ def bundle_copy(name: str, tmp_path: Path) -> Path:
     return Path(shutil.copytree(BUNDLES / name, tmp_path / name, ignore=shutil.ignore_patterns("models", "eval")))
 
 
-def bundle_start(folder: Path, config_files: list[str], **overrides) -> subprocess.Popen:
-    """Start ``python -m monai.bundle run --config_file ... --key value ...`` from ``folder``, on 1 thread, glibc as it
+def bundle_command(config_files: list[str], **overrides) -> tuple[list[str], dict[str, str]]:
+    """``python -m monai.bundle run --config_file ... --key value ...`` and its environment: 1 thread, glibc as it
     comes (no preloaded allocator), this checkout's swin_unetr_kit."""
     args = [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
     files = config_files[0] if len(config_files) == 1 else json.dumps(config_files)
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *args]
-    return subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, *args], env
+
+
+def bundle_start(folder: Path, config_files: list[str], **overrides):
+    """Start :func:`bundle_command` from ``folder`` (a process forked from the pre-imported Python where it can)."""
+    cmd, env = bundle_command(config_files, **overrides)
+    return preloaded_python.popen(cmd, cwd=folder, env=env)
 
 
 def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import preloaded_python
 import pytest
 import test_zoo
 import torch
 import zoo
 from conftest import REPO, write_ct_case, write_msd_task
 from monai.networks.nets import SwinUNETR
-from test_robustness import TASKS_FILE, TINY, bundle_copy, bundle_run, bundle_start, effects, output, probe
+from test_robustness import TASKS_FILE, TINY, bundle_command, bundle_copy, bundle_run, effects, output, probe
 
 from swin_unetr_kit.msd import task_settings
 
@@ -109,7 +110,7 @@ def zoo_install(*args: str) -> subprocess.CompletedProcess:
     """``python tools/zoo.py install ...`` as the README types it."""
     cmd = [sys.executable, str(REPO / "tools" / "zoo.py"), "install", *args]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return preloaded_python.run(cmd, timeout=300, env=env)
 
 
 def test_zoo_install_over_an_existing_install_keeps_the_trained_model(local_zoo, tmp_path):
@@ -167,9 +168,7 @@ def test_zoo_versions_with_a_pre_release_tag_are_ordered(tmp_path):
 def run_tool(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python tools/<script> ...`` as a user types it, from ``cwd``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / script), *args], cwd=cwd, capture_output=True, text=True, env=env
-    )
+    return preloaded_python.run([sys.executable, str(REPO / "tools" / script), *args], cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize("script", ["sample_data.py", "demo.py", "ssl_evidence.py"])
@@ -242,7 +241,8 @@ def test_a_run_stopped_before_its_first_save_does_not_vouch_for_the_previous_che
     first = bundle_run(msd, ["configs/train.json"], **common)
     assert first.returncode == 0, output(first)[-3000:]
 
-    stopped = bundle_start(msd, ["configs/train.json"], **common, seed=7, resume="false")
+    cmd, env = bundle_command(["configs/train.json"], **common, seed=7, resume="false")
+    stopped = subprocess.Popen(cmd, cwd=msd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in stopped.stdout:  # the loader has attached: stop the run there, before any save
         if "resume disabled: training starts afresh" in line:
             stopped.kill()

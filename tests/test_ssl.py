@@ -7,6 +7,7 @@ import logging
 import math
 
 import numpy as np
+import preloaded_python
 import pytest
 import torch
 from conftest import REPO, configs, released_layout, run_workflow, torchrun_bundle, write_ct_case
@@ -458,7 +459,6 @@ def test_contrastive_negatives_per_process_by_default_or_gathered():
 def test_inference_shows_the_view_its_reconstruction_and_the_rotation(tmp_path):
     """``run evaluating`` and bare ``run`` of configs/inference.json, as the README prints them, from the bundle
     folder: for each CT the masked rotated view, its reconstruction and target (NIfTI, PNG) and the rotation."""
-    import subprocess
     import sys
 
     import nibabel as nib
@@ -475,7 +475,7 @@ def test_inference_shows_the_view_its_reconstruction_and_the_rotation(tmp_path):
         cmd = [sys.executable, "-m", "monai.bundle", "run", *run_id, "--config_file", "configs/inference.json"]
         cmd += ["--bundle_root", str(tmp_path), "--input", str(tmp_path / "data" / "imagesTr"), "--feature_size", "12"]
         cmd += ["--roi_size", "[64, 64, 64]", "--output_dir", str(out), "--progress", "false"]
-        result = subprocess.run(cmd, cwd=SSL_BUNDLE, capture_output=True, text=True, timeout=300)
+        result = preloaded_python.run(cmd, cwd=SSL_BUNDLE, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         for kind in ("view", "reconstruction", "target"):
             assert nib.load(out / f"ct0_{kind}.nii.gz").shape == (64, 64, 64)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import preloaded_python
 import pytest
 from conftest import REPO, SMALL, configs, run_workflow, write_ct_case, write_msd_task
 
@@ -25,7 +26,7 @@ def bundle_cli(bundle: Path, run_id: str, config_files: list[str], **overrides) 
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", json.dumps(config_files)]
     for key, value in overrides.items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    result = subprocess.run(cmd, cwd=bundle, capture_output=True, text=True, timeout=600)
+    result = preloaded_python.run(cmd, cwd=bundle, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import nibabel as nib
+import preloaded_python
 import pytest
 import torch
 import yaml
@@ -102,7 +103,7 @@ def test_monai_download_from_the_local_zoo_then_inference(local_zoo, synthetic_d
     key, entry = zoo.lookup(str(local_zoo / "model_info.json"), "swin_unetr_btcv_seg")
     installed = tmp_path / "installed"
     cmd = [sys.executable, "-m", "monai.bundle", "download", "--name", "swin_unetr_btcv_seg", "--url", entry["source"]]
-    result = subprocess.run([*cmd, "--bundle_dir", str(installed)], capture_output=True, text=True, timeout=300)
+    result = preloaded_python.run([*cmd, "--bundle_dir", str(installed)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert zoo.sha256(installed / "swin_unetr_btcv_seg.zip") == entry["checksum"]
     bundle = installed / "swin_unetr_btcv_seg"
@@ -116,9 +117,7 @@ def test_monai_download_from_the_local_zoo_then_inference(local_zoo, synthetic_d
     args = ["--config_file", "configs/inference.json", "--input", str(synthetic_dataset / "imagesTs")]
     args += ["--num_workers", "0", *(f"--{k}={json.dumps(v)}" for k, v in overrides.items())]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", ONLY_BUNDLED_KIT, "run", *args], cwd=bundle, env=env, capture_output=True, text=True
-    )
+    result = preloaded_python.run([sys.executable, "-c", ONLY_BUNDLED_KIT, "run", *args], cwd=bundle, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"swin_unetr_kit from {bundle / 'swin_unetr_kit'}" in result.stdout
     out = nib.load(bundle / "eval" / "test0_seg.nii.gz")
@@ -149,7 +148,7 @@ def test_path_traversal_archive_is_refused(tmp_path):
         archive.writestr("evil/configs/metadata.json", "{}")
         archive.writestr("../outside.txt", "escaped")
     cmd = [sys.executable, "-m", "monai.bundle", "download", "--name", "evil", "--url", evil.as_uri()]
-    result = subprocess.run([*cmd, "--bundle_dir", str(tmp_path / "dest")], capture_output=True, text=True, timeout=300)
+    result = preloaded_python.run([*cmd, "--bundle_dir", str(tmp_path / "dest")], timeout=300)
     assert result.returncode != 0 and "Unsafe path" in result.stderr
     assert not (tmp_path / "outside.txt").exists()
 
@@ -217,7 +216,7 @@ def test_install_without_the_internet_leaves_large_files_when_asked(local_zoo, t
     released encoder (a web URL in its large_files.yml) is not fetched, and the install succeeds."""
     cmd = [sys.executable, str(zoo.__file__), "install", "swin_unetr_ssl_pretrain"]
     cmd += ["--index", str(local_zoo / "model_info.json"), "--bundle_dir", str(tmp_path), "--large_files", "false"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = preloaded_python.run(cmd, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     installed = tmp_path / "swin_unetr_ssl_pretrain"
     assert (installed / "large_files.yml").is_file() and not (installed / "models" / "model.pt").exists()

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import ignite.distributed as idist
+import preloaded_python
 import pytest
 import torch
 import yaml
@@ -259,7 +260,7 @@ def verify_bundle(root: Path, bundle: str, mode: str) -> subprocess.CompletedPro
     """The zoo's ``python ci/verify_bundle.py -b <bundle> -m <mode>`` from the checkout's root."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     cmd = [sys.executable, "-c", ONLY_BUNDLED_KIT, "-b", bundle, "-p", "models", "-m", mode]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    return preloaded_python.run(cmd, cwd=root, env=env, timeout=600)
 
 
 def with_exclusions(root: Path, exclusions: dict[str, list[str]]) -> None:
