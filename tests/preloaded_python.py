@@ -31,10 +31,10 @@ import time
 from pathlib import Path
 
 PRELOAD = ("torch", "monai", "monai.bundle.scripts", "fire", "nibabel", "ignite")
-# variables read when an interpreter, torch's thread pools or the C allocator start: a command whose environment gives
-# them other values than the pre-imported Python had needs an interpreter of its own
-STARTUP_VARIABLES = ("LD_", "MALLOC_", "OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "PYTHON", "TORCH", "PYTORCH")
-STARTUP_VARIABLES += ("CUDA",)
+# variables read when an interpreter, torch's thread pool (GNU OpenMP) or the C allocator start: a command whose
+# environment gives them other values than the pre-imported Python had needs an interpreter of its own. Intel OpenMP's
+# KMP_* are not among them: scikit-learn sets two at import, and torch's CPU wheel does not use that runtime.
+STARTUP_VARIABLES = ("LD_", "MALLOC_", "OMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTHON", "TORCH", "PYTORCH", "CUDA")
 
 
 def _compatible(env: dict[str, str], server_env: dict[str, str]) -> bool:
