@@ -37,9 +37,10 @@ PRELOAD = ("torch", "monai", "monai.bundle.scripts", "fire", "nibabel", "ignite"
 STARTUP_VARIABLES = ("LD_", "MALLOC_", "OMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTHON", "TORCH", "PYTORCH", "CUDA")
 
 
-def _compatible(env: dict[str, str], server_env: dict[str, str]) -> bool:
+def _differences(env: dict[str, str], server_env: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    """The start-up variables whose values in ``env`` differ from the pre-imported Python's."""
     keys = {k for k in (*env, *server_env) if k.startswith(STARTUP_VARIABLES) and k != "PYTHONPATH"}
-    return all(env.get(k) == server_env.get(k) for k in keys)
+    return {k: (env.get(k), server_env.get(k)) for k in sorted(keys) if env.get(k) != server_env.get(k)}
 
 
 class ForkedProcess:
@@ -134,12 +135,14 @@ class PreloadedPython:
             self._exits[message["exit"]] = message["code"]
         return self._exits.pop(pid)
 
-    def can_run(self, args: list[str], env: dict[str, str] | None) -> bool:
+    def refusal(self, args: list[str], env: dict[str, str] | None) -> str | None:
+        """Why ``args`` with ``env`` needs an interpreter of its own, or None where a fork gives it a faithful start."""
         forms = len(args) >= 3 and args[1] in ("-m", "-c") or len(args) >= 2 and args[1].endswith(".py")
         if args[0] != sys.executable or not forms:
-            return False
+            return "not python -m/-c/<script> of this interpreter"
         self._start()
-        return _compatible(dict(os.environ if env is None else env), self._env)
+        differences = _differences(dict(os.environ if env is None else env), self._env)
+        return f"other start-up settings (command, pre-imported): {differences}" if differences else None
 
     def popen(self, args: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None, text=True):
         server = self._start()
@@ -165,15 +168,21 @@ _client: PreloadedPython | None = None
 fresh_interpreters = False
 
 
+def why_fresh(args: list, env: dict[str, str] | None = None) -> str | None:
+    """Why :func:`popen` starts ``args`` in a new interpreter, or None where it forks it."""
+    global _client
+    if fresh_interpreters:
+        return "the docs name this test for a printed command line"
+    _client = _client or PreloadedPython()
+    return _client.refusal([str(a) for a in args], env)
+
+
 def popen(args: list, cwd: str | Path | None = None, env: dict[str, str] | None = None):
     """Start ``args`` with its output captured as text: a process forked from the pre-imported Python where the
     command allows (see the module's docstring), an ordinary :class:`subprocess.Popen` otherwise."""
-    global _client
     args = [str(a) for a in args]
-    if not fresh_interpreters:
-        _client = _client or PreloadedPython()
-        if _client.can_run(args, env):
-            return _client.popen(args, cwd=cwd, env=env)
+    if why_fresh(args, env) is None:
+        return _client.popen(args, cwd=cwd, env=env)
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -40,8 +40,8 @@ def test_a_forked_command_sees_what_a_new_interpreter_would(form, script, tmp_pa
         "-m": [sys.executable, "-m", "probe", "3", "x"],
     }[form]
     env = {**os.environ, "MINE": "mine", "PYTHONPATH": str(script.parent)}
+    assert preloaded_python.why_fresh(cmd, env) is None, preloaded_python.why_fresh(cmd, env)
     forked = preloaded_python.popen(cmd, cwd=tmp_path, env=env)
-    assert isinstance(forked, preloaded_python.ForkedProcess)
     stdout, stderr = forked.communicate(timeout=60)
     fresh = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert (forked.returncode, stdout, stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
@@ -65,10 +65,11 @@ def test_exceptions_and_signals_end_a_forked_command_as_they_end_an_interpreter(
 
 def test_other_start_up_settings_and_documented_tests_get_a_new_interpreter(monkeypatch):
     other_threads = {**os.environ, "OMP_NUM_THREADS": str(int(os.environ.get("OMP_NUM_THREADS", "1")) + 1)}
+    assert "OMP_NUM_THREADS" in preloaded_python.why_fresh([sys.executable, "-c", "pass"], other_threads)
     assert isinstance(preloaded_python.popen([sys.executable, "-c", "pass"], env=other_threads), subprocess.Popen)
     assert isinstance(preloaded_python.popen(["true"]), subprocess.Popen)
     monkeypatch.setattr(preloaded_python, "fresh_interpreters", True)
-    assert isinstance(preloaded_python.popen([sys.executable, "-c", "pass"]), subprocess.Popen)
+    assert "the docs name" in preloaded_python.why_fresh([sys.executable, "-c", "pass"])
 
 
 def test_the_docs_tests_are_known_to_the_suite():
