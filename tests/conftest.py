@@ -249,3 +249,14 @@ def write_msd_task(root: Path, task: str, settings: dict, num_cases: int = 2) ->
     }
     (folder / "dataset.json").write_text(json.dumps(description, indent=4))
     return folder
+
+
+# modules of over a minute (``--durations``, 2026-12-07), started first: pytest-xdist's ``loadscope`` hands a worker
+# whole modules in collection order, so a long module collected last kept one worker busy while the other waited
+LONG_MODULES = ["test_ssl.py", "test_commands.py", "test_msd_bundle.py", "test_monai_label.py", "test_demo.py"]
+LONG_MODULES += ["test_zoo_conformance.py", "test_cpu_inference.py", "test_btcv_bundle.py", "test_swinmm.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))

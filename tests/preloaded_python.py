@@ -7,9 +7,10 @@ test worker, one Python that imports those third-party packages once (never this
 process for each command. The child gets the command's arguments, working folder, environment, ``sys.path`` (the
 module's or script's folder first, then ``PYTHONPATH``, then the interpreter's own), standard streams and exit status,
 and runs ``-m <module>``, ``-c <code>`` or ``<script>`` as ``__main__`` the way the interpreter does, its exit
-functions included. What a child cannot have is an interpreter started with other import-time settings (thread
-counts, allocator, ``PYTHON*`` flags): such a command, a command of another program, and every command of a test the
-docs name for a printed command line (:data:`fresh_interpreters`, set by conftest.py) run as ordinary subprocesses.
+functions included. Settings an interpreter reads as it starts (thread counts, a preloaded allocator, ``PYTHON*``
+flags: :data:`STARTUP_VARIABLES`) are those its pre-imported Python was started with: commands that differ in them
+are forked from Pythons of their own. Commands of other programs, and every command of a test the docs name for a
+printed command line (:data:`fresh_interpreters`, set by conftest.py), run as ordinary subprocesses.
 
 Run as a script, this file is that pre-imported Python: it reads one JSON request a line on standard input, answers
 ``{"pid": ...}`` once it has forked, and ``{"exit": pid, "code": ...}`` when a child ends (``subprocess``'s return
@@ -31,16 +32,15 @@ import time
 from pathlib import Path
 
 PRELOAD = ("torch", "monai", "monai.bundle.scripts", "fire", "nibabel", "ignite")
-# variables read when an interpreter, torch's thread pool (GNU OpenMP) or the C allocator start: a command whose
-# environment gives them other values than the pre-imported Python had needs an interpreter of its own. Intel OpenMP's
-# KMP_* are not among them: scikit-learn sets two at import, and torch's CPU wheel does not use that runtime.
+# variables read when an interpreter, torch's thread pool (GNU OpenMP) or the C allocator start. Intel OpenMP's KMP_*
+# are not among them: scikit-learn sets two at import, and torch's CPU wheel does not use that runtime.
 STARTUP_VARIABLES = ("LD_", "MALLOC_", "OMP_", "GOMP_", "MKL_", "OPENBLAS_", "PYTHON", "TORCH", "PYTORCH", "CUDA")
 
 
-def _differences(env: dict[str, str], server_env: dict[str, str]) -> dict[str, tuple[str | None, str | None]]:
-    """The start-up variables whose values in ``env`` differ from the pre-imported Python's."""
-    keys = {k for k in (*env, *server_env) if k.startswith(STARTUP_VARIABLES) and k != "PYTHONPATH"}
-    return {k: (env.get(k), server_env.get(k)) for k in sorted(keys) if env.get(k) != server_env.get(k)}
+def start_up_settings(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The variables of ``env`` an interpreter reads as it starts (:data:`STARTUP_VARIABLES`, but ``PYTHONPATH``,
+    which each child sets for itself): commands that differ in them are forked from Pythons of their own."""
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(STARTUP_VARIABLES) and k != "PYTHONPATH"))
 
 
 class ForkedProcess:
@@ -86,9 +86,9 @@ class ForkedProcess:
 class PreloadedPython:
     """The client side: starts the pre-imported Python (lazily) and asks it for processes."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: dict[str, str]) -> None:
         self._server: subprocess.Popen | None = None
-        self._env: dict[str, str] = {}
+        self._env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
         self._exits: dict[int, int] = {}
         self._buffer = b""
         self._folder = Path(tempfile.mkdtemp(prefix="preloaded_python_"))
@@ -103,7 +103,6 @@ class PreloadedPython:
 
     def _start(self) -> subprocess.Popen:
         if self._server is None or self._server.poll() is not None:
-            self._env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
             self._server = subprocess.Popen(
                 [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env
             )
@@ -135,15 +134,6 @@ class PreloadedPython:
             self._exits[message["exit"]] = message["code"]
         return self._exits.pop(pid)
 
-    def refusal(self, args: list[str], env: dict[str, str] | None) -> str | None:
-        """Why ``args`` with ``env`` needs an interpreter of its own, or None where a fork gives it a faithful start."""
-        forms = len(args) >= 3 and args[1] in ("-m", "-c") or len(args) >= 2 and args[1].endswith(".py")
-        if args[0] != sys.executable or not forms:
-            return "not python -m/-c/<script> of this interpreter"
-        self._start()
-        differences = _differences(dict(os.environ if env is None else env), self._env)
-        return f"other start-up settings (command, pre-imported): {differences}" if differences else None
-
     def popen(self, args: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None, text=True):
         server = self._start()
         stdout, stderr = (Path(tempfile.mkstemp(dir=self._folder, suffix=s)[1]) for s in (".out", ".err"))
@@ -163,26 +153,38 @@ class PreloadedPython:
         return ForkedProcess(self, list(args), message["pid"], stdout, stderr, text)
 
 
-_client: PreloadedPython | None = None
-# set by conftest.py for each test: the tests the docs name for their command lines run them in fresh interpreters
+# one pre-imported Python per set of start-up settings, in this process; beyond MAX_SERVERS, new interpreters
+_servers: dict[tuple[tuple[str, str], ...], PreloadedPython] = {}
+MAX_SERVERS = 4
+# set by conftest.py for each test: the tests the docs name for their command lines run them in new interpreters
 fresh_interpreters = False
 
 
 def why_fresh(args: list, env: dict[str, str] | None = None) -> str | None:
     """Why :func:`popen` starts ``args`` in a new interpreter, or None where it forks it."""
-    global _client
+    args = [str(a) for a in args]
     if fresh_interpreters:
         return "the docs name this test for a printed command line"
-    _client = _client or PreloadedPython()
-    return _client.refusal([str(a) for a in args], env)
+    forms = len(args) >= 3 and args[1] in ("-m", "-c") or len(args) >= 2 and args[1].endswith(".py")
+    if args[0] != sys.executable or not forms:
+        return "not python -m/-c/<script> of this interpreter"
+    settings = start_up_settings(dict(os.environ if env is None else env))
+    if settings not in _servers and len(_servers) >= MAX_SERVERS:
+        return f"{MAX_SERVERS} pre-imported Pythons with other start-up settings run already"
+    return None
 
 
 def popen(args: list, cwd: str | Path | None = None, env: dict[str, str] | None = None):
-    """Start ``args`` with its output captured as text: a process forked from the pre-imported Python where the
-    command allows (see the module's docstring), an ordinary :class:`subprocess.Popen` otherwise."""
+    """Start ``args`` with its output captured as text: a process forked from the pre-imported Python of its
+    start-up settings where the command allows (see the module's docstring), an ordinary :class:`subprocess.Popen`
+    otherwise."""
     args = [str(a) for a in args]
     if why_fresh(args, env) is None:
-        return _client.popen(args, cwd=cwd, env=env)
+        environment = dict(os.environ if env is None else env)
+        settings = start_up_settings(environment)
+        if settings not in _servers:
+            _servers[settings] = PreloadedPython(environment)
+        return _servers[settings].popen(args, cwd=cwd, env=environment)
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -63,13 +63,22 @@ def test_exceptions_and_signals_end_a_forked_command_as_they_end_an_interpreter(
         preloaded_python.run([sys.executable, "-c", "import time; time.sleep(60)"], timeout=1)
 
 
-def test_other_start_up_settings_and_documented_tests_get_a_new_interpreter(monkeypatch):
-    other_threads = {**os.environ, "OMP_NUM_THREADS": str(int(os.environ.get("OMP_NUM_THREADS", "1")) + 1)}
-    assert "OMP_NUM_THREADS" in preloaded_python.why_fresh([sys.executable, "-c", "pass"], other_threads)
-    assert isinstance(preloaded_python.popen([sys.executable, "-c", "pass"], env=other_threads), subprocess.Popen)
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_start_up_settings_are_those_of_the_command(threads):
+    """Thread counts are read as torch starts: a command with other settings gets a pre-imported Python of its own."""
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    cmd = [sys.executable, "-c", "import torch; print(torch.get_num_threads())"]
+    assert preloaded_python.why_fresh(cmd, env) is None
+    forked = preloaded_python.popen(cmd, env=env)
+    assert isinstance(forked, preloaded_python.ForkedProcess)
+    assert forked.communicate(timeout=120)[0] == f"{threads}\n"
+
+
+def test_other_programs_and_documented_tests_get_a_new_interpreter(monkeypatch):
     assert isinstance(preloaded_python.popen(["true"]), subprocess.Popen)
     monkeypatch.setattr(preloaded_python, "fresh_interpreters", True)
     assert "the docs name" in preloaded_python.why_fresh([sys.executable, "-c", "pass"])
+    assert isinstance(preloaded_python.popen([sys.executable, "-c", "pass"]), subprocess.Popen)
 
 
 def test_the_docs_tests_are_known_to_the_suite():

@@ -152,7 +152,7 @@ def tiny_data(bundle: str, synthetic_dataset: Path, tmp_path: Path) -> dict:
 )
 def test_check_properties_of_every_workflow(bundle, names, workflow_type, synthetic_dataset, tmp_path, monkeypatch):
     if "multi_gpu_train" in names:  # a one-process group, as torchrun would give rank 0
-        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29531", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541", "RANK": "0", "WORLD_SIZE": "1"}.items():
             monkeypatch.setenv(key, value)
     files = [str(REPO / "bundles" / bundle / "configs" / f"{n}.json") for n in names]
     workflow = ConfigWorkflow(

@@ -38,6 +38,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -540,10 +541,13 @@ def make_weights(
     overrides["train#trainer#epoch_length"] = iterations
     torch.manual_seed(0)
     workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train", **overrides)
-    workflow.initialize()
-    workflow.run()
-    network = workflow.parser.get_parsed_content("network")
-    workflow.finalize()
+    try:
+        workflow.initialize()
+        workflow.run()
+        network = workflow.parser.get_parsed_content("network")
+        workflow.finalize()
+    finally:  # the run's folder (checkpoints, logs) is scratch: only the weights below are kept
+        shutil.rmtree(work, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     torch.save(network.state_dict(), partial)
