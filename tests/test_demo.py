@@ -6,7 +6,11 @@ import json
 import sys
 
 import preloaded_python
+import pytest
 from conftest import REPO
+
+# the README's main job on the real sample CT, two minutes of the suite: no cheaper run shows it works end to end
+pytestmark = pytest.mark.slow
 
 
 def test_demo_writes_a_complete_report(sample_dataset, tmp_path):
