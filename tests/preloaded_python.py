@@ -46,14 +46,9 @@ def start_up_settings(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
 class ForkedProcess:
     """One command run by the pre-imported Python: the part of :class:`subprocess.Popen` the tests use."""
 
-    def __init__(self, server: PreloadedPython, args: list[str], pid: int, stdout: Path, stderr: Path, text: bool):
+    def __init__(self, server: PreloadedPython, args: list[str], pid: int, stdout: Path, stderr: Path):
         self.server, self.args, self.pid, self.returncode = server, args, pid, None
-        self._stdout, self._stderr, self._text = stdout, stderr, text
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            self.returncode = self.server.exit_code(self.pid, timeout=0)
-        return self.returncode
+        self._stdout, self._stderr = stdout, stderr
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
@@ -70,7 +65,7 @@ class ForkedProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def communicate(self, timeout: float | None = None) -> tuple[str | bytes, str | bytes]:
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         try:
             self.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -80,7 +75,7 @@ class ForkedProcess:
         outputs = (self._stdout.read_bytes(), self._stderr.read_bytes())
         for path in (self._stdout, self._stderr):
             path.unlink()
-        return tuple(o.decode(errors="replace") for o in outputs) if self._text else outputs
+        return outputs[0].decode(errors="replace"), outputs[1].decode(errors="replace")
 
 
 class PreloadedPython:
@@ -125,6 +120,7 @@ class PreloadedPython:
         return json.loads(line)
 
     def exit_code(self, pid: int, timeout: float | None) -> int | None:
+        """``pid``'s return code once it has ended, or None when ``timeout`` passes first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while pid not in self._exits:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -134,13 +130,19 @@ class PreloadedPython:
             self._exits[message["exit"]] = message["code"]
         return self._exits.pop(pid)
 
-    def popen(self, args: list[str], cwd: str | Path | None = None, env: dict[str, str] | None = None, text=True):
+    def _output_file(self, suffix: str) -> Path:
+        descriptor, path = tempfile.mkstemp(dir=self._folder, suffix=suffix)
+        os.close(descriptor)
+        return Path(path)
+
+    def popen(self, args: list[str], cwd: str | Path | None, env: dict[str, str]) -> ForkedProcess:
+        """Have the server fork a process for ``args``, run from ``cwd`` with ``env``, its output into files."""
         server = self._start()
-        stdout, stderr = (Path(tempfile.mkstemp(dir=self._folder, suffix=s)[1]) for s in (".out", ".err"))
+        stdout, stderr = self._output_file(".out"), self._output_file(".err")
         request = {
             "args": [str(a) for a in args],
             "cwd": str(Path(cwd or os.getcwd()).resolve()),
-            "env": dict(os.environ if env is None else env),
+            "env": env,
             "stdout": str(stdout),
             "stderr": str(stderr),
         }
@@ -150,7 +152,7 @@ class PreloadedPython:
         while "exit" in message:  # an earlier child's end, reported before this answer
             self._exits[message["exit"]] = message["code"]
             message = self._message(timeout=60)
-        return ForkedProcess(self, list(args), message["pid"], stdout, stderr, text)
+        return ForkedProcess(self, list(args), message["pid"], stdout, stderr)
 
 
 # one pre-imported Python per set of start-up settings, in this process; beyond MAX_SERVERS, new interpreters
