@@ -80,11 +80,12 @@ def write_ct_case(
     return {"image": str(image_path), "label": str(label_path)}
 
 
-# the tests the READMEs and docs/ pages name for a printed command line (``# tested: tests/<file>.py::<test>``)
+# the pages a user reads (tests/test_docs.py checks their commands and links), and the tests they name for a printed
+# command line (``# tested: tests/<file>.py::<test>``)
+DOC_PAGES = sorted([REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("bundles/*/docs/*.md")])
 DOCUMENTED = {
     marker
-    for pattern in ("*.md", "docs/*.md", "bundles/*/*.md", "bundles/*/docs/*.md")
-    for page in REPO.glob(pattern)
+    for page in DOC_PAGES
     for marker in re.findall(r"^# tested: (tests/\S+\.py::\w+)", page.read_text(), re.MULTILINE)
 }
 
@@ -167,10 +168,9 @@ def released_layout(encoder_state: dict) -> dict:
 @pytest.fixture(autouse=True, scope="session")
 def lean_in_process_allocator():
     """Bundle workflows run in this one process a hundred times; the freed memory their CPU default keeps
-    (``cpu_keep_freed_memory``) would pile up here, so in-process runs call the allocator set-up with it off (kept
-    and returned by ``malloc_trim`` after each test instead, it saved 40 % of the page faults and 90 s of system time
-    but cost as much user time and 3 GB more peak memory: measured 2026-12-07). Subprocess runs keep the default;
-    test_fast_settings.py checks the set-up."""
+    (``cpu_keep_freed_memory``) would pile up here, so in-process runs call the allocator set-up with it off
+    (docs/testing.md has the trial of keeping it). Subprocess runs keep the default; test_fast_settings.py checks the
+    set-up."""
     from swin_unetr_kit import runtime
 
     tune = runtime.tune_cpu_allocator

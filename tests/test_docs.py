@@ -17,11 +17,11 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import DOC_PAGES, REPO
 
 TESTS = REPO / "tests"
 # the pages a user reads: the READMEs and the docs/ folders (the vendored zoo CI's README is not ours)
-PAGES = sorted([REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("bundles/*/docs/*.md")])
+PAGES = DOC_PAGES
 MARKDOWN = sorted(
     p
     for p in REPO.rglob("*.md")
