@@ -29,10 +29,16 @@ torch.set_num_threads(THREADS)
 if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
-# the smallest configuration SwinUNETR runs at: feature_size 12 and a 64^3 window (32^3 fails inside the network)
+# the smallest windows SwinUNETR trains in: its five halvings need sides of 32 voxels or more, and training needs more
+# than one voxel left at the bottleneck (a 32^3 window fails in its instance norm), so one side is 64; a step costs a
+# third of a 64^3 window's. Each keeps square the plane its crops are turned in: segmentation's first two axes
+# (RandRotate90d, and SwinMM's cross views), the SSL rotation task's last two
+SMALL_ROI = [32, 32, 64]
+SSL_SMALL_ROI = [64, 32, 32]
+# the smallest configuration SwinUNETR runs at: feature_size 12 in SMALL_ROI windows
 SMALL = {
     "network_def#feature_size": 12,
-    "roi_size": [64, 64, 64],
+    "roi_size": SMALL_ROI,
     "pixdim": [3.0, 3.0, 3.0],
     "num_samples": 1,
     "num_workers": 0,

@@ -17,12 +17,12 @@ import numpy as np
 import preloaded_python
 import pytest
 import torch
-from conftest import REPO, write_ct_case, write_msd_task
+from conftest import REPO, SMALL_ROI, write_ct_case, write_msd_task
 
 from swin_unetr_kit.msd import task_settings
 
 BUNDLES = REPO / "bundles"
-TINY = {"network_def#feature_size": 12, "roi_size": [64, 64, 64], "num_samples": 1, "num_workers": 0}
+TINY = {"network_def#feature_size": 12, "roi_size": SMALL_ROI, "num_samples": 1, "num_workers": 0}
 TINY |= {"cache_rate": 0.0, "sw_batch_size": 1}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import preloaded_python
 import torch
-from conftest import BTCV_BUNDLE, REPO, SMALL, write_ct_case, write_msd_task
+from conftest import BTCV_BUNDLE, REPO, SMALL, SSL_SMALL_ROI, write_ct_case, write_msd_task
 
 from swin_unetr_kit.msd import task_settings
 from swin_unetr_kit.record import RECORD_KEY
@@ -68,7 +68,7 @@ def test_ssl_commands(tmp_path):
     small = {
         "dataset_dir": str(tmp_path / "ct"),
         "feature_size": 12,
-        "roi_size": [64, 64, 64],
+        "roi_size": SSL_SMALL_ROI,
         "num_samples": 1,
         "val_num_samples": 1,
         "batch_size": 1,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import BTCV_BUNDLE, SMALL, configs, torchrun_bundle, write_ct_case, write_msd_task
+from conftest import BTCV_BUNDLE, SMALL, SMALL_ROI, configs, torchrun_bundle, write_ct_case, write_msd_task
 
 from swin_unetr_kit.msd import task_settings
 
@@ -42,7 +42,7 @@ def test_each_rank_draws_its_own_crops(bundle, tmp_path):
         files = configs("train", "multi_gpu_train")
         overrides = {"dataset_dir": str(tmp_path / "data"), "datalist": str(tmp_path / "data" / "one_case.json")}
         overrides["allow_datalist_overlap"] = True  # the one case in both parts, meant
-        overrides["pixdim"] = [1.5, 1.5, 1.5]  # 96 x 88 x 80 voxels: room for the 64^3 crop to move
+        overrides["pixdim"] = [1.5, 1.5, 1.5]  # 96 x 88 x 80 voxels: room for the crop to move on every axis
     else:
         task = "Task09_Spleen"
         dataset = write_msd_task(tmp_path / "data", task, task_settings(task, MSD_BUNDLE / "configs" / "tasks.json"))
@@ -57,5 +57,5 @@ def test_each_rank_draws_its_own_crops(bundle, tmp_path):
     probe.write_text(json.dumps({"run": ["@setup", f"${save}"]}))
     torchrun_bundle([*files, str(probe)], port=29610 if bundle == "btcv" else 29611, **{**SMALL, **overrides})
     rank0, rank1 = (torch.load(tmp_path / f"crops{rank}.pt") for rank in (0, 1))
-    assert [c.shape for c in rank0] == [c.shape for c in rank1] == [torch.Size([1, 1, 64, 64, 64])] * 3
+    assert [c.shape for c in rank0] == [c.shape for c in rank1] == [torch.Size([1, 1, *SMALL_ROI])] * 3
     assert all(not torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import zoo
-from conftest import SMALL, write_ct_case, write_msd_task
+from conftest import SMALL, SSL_SMALL_ROI, write_ct_case, write_msd_task
 
 from swin_unetr_kit.msd import task_settings
 
@@ -98,7 +98,7 @@ def test_ssl_installed_bundle_trains_and_infers_from_another_folder(installed, p
     bundle = installed / "swin_unetr_ssl_pretrain"
     for i in range(3):
         write_ct_case(tmp_path / "ct", f"ct{i}", seed=i)
-    small = {"dataset_dir": str(tmp_path / "ct"), "feature_size": 12, "roi_size": [64, 64, 64], "num_workers": 0}
+    small = {"dataset_dir": str(tmp_path / "ct"), "feature_size": 12, "roi_size": SSL_SMALL_ROI, "num_workers": 0}
     training = {"num_samples": 1, "val_num_samples": 1, "batch_size": 1, "val_fraction": 0.34, "num_steps": 1}
     run_elsewhere(
         python_without_the_kit, tmp_path / "here", bundle, "training", "train.json", **small, **training, val_interval=1

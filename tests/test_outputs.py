@@ -4,6 +4,7 @@ network runs (through the README's command, from the bundle folder); a label map
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import preloaded_python
 import torch
-from conftest import REPO, write_ct_case
+from conftest import REPO, SSL_SMALL_ROI, write_ct_case
 
 from swin_unetr_kit.ssl import SSLHead
 
@@ -28,7 +29,7 @@ def ssl_inference(tmp_path: Path, inputs: Path, out: Path) -> subprocess.Complet
         torch.save(SSLHead(feature_size=12).state_dict(), tmp_path / "models" / "model.pt")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     cmd += ["--bundle_root", str(tmp_path), "--input", str(inputs), "--feature_size", "12"]
-    cmd += ["--roi_size", "[64, 64, 64]", "--output_dir", str(out), "--progress", "false"]
+    cmd += ["--roi_size", json.dumps(SSL_SMALL_ROI), "--output_dir", str(out), "--progress", "false"]
     return preloaded_python.run(cmd, cwd=SSL_BUNDLE, timeout=300)
 
 

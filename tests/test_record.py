@@ -5,6 +5,7 @@ file), and every checkpoint the bundles write carries that record. "Trained" wei
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import sys
 
@@ -12,7 +13,7 @@ import preloaded_python
 import pytest
 import torch
 import yaml
-from conftest import BTCV_BUNDLE, REPO, configs, released_layout
+from conftest import BTCV_BUNDLE, REPO, SSL_SMALL_ROI, configs, released_layout
 from ignite.engine import Engine
 from monai.bundle import ConfigWorkflow
 from monai.networks.nets import SwinUNETR
@@ -241,7 +242,7 @@ def test_ssl_inference_on_the_released_encoder_says_what_it_is(synthetic_dataset
     bundle = REPO / "bundles" / "swin_unetr_ssl_pretrain"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
     cmd += ["--bundle_root", str(tmp_path), "--input", str(synthetic_dataset / "imagesTs"), "--progress", "false"]
-    cmd += ["--feature_size", "12", "--roi_size", "[64, 64, 64]"]
+    cmd += ["--feature_size", "12", "--roi_size", json.dumps(SSL_SMALL_ROI)]
     result = preloaded_python.run(cmd, cwd=bundle, timeout=600)
     assert result.returncode != 0
     assert "holds the released self-supervised encoder alone, not the whole SSLPredictor" in result.stderr

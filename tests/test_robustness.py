@@ -19,7 +19,7 @@ import numpy as np
 import preloaded_python
 import pytest
 import torch
-from conftest import REPO, write_ct_case, write_msd_task
+from conftest import REPO, SMALL_ROI, SSL_SMALL_ROI, write_ct_case, write_msd_task
 
 from swin_unetr_kit import checkpoint, data
 from swin_unetr_kit.data import DataError, check_cases, scan_volume
@@ -31,7 +31,7 @@ BUNDLES = REPO / "bundles"
 TASKS_FILE = BUNDLES / "swin_unetr_msd" / "configs" / "tasks.json"
 TINY = {
     "network_def#feature_size": 12,
-    "roi_size": [64, 64, 64],
+    "roi_size": SMALL_ROI,
     "num_samples": 1,
     "num_workers": 0,
     "cache_rate": 0.0,
@@ -224,7 +224,7 @@ def test_lower_case_false_turns_every_boolean_setting_off(tmp_path):
     spelled = {"progress": "No", "amp": "FALSE", "legacy_patch_merging": "off", "resume": "0"}
     spelled.update(cpu_keep_freed_memory="no", check_data="False")
     report = "{'cases': len(@train#data) + len(@validate#dataset#data), " + TRAINER_EFFECTS + "}"
-    ssl_small = {"feature_size": 12, "roi_size": [64, 64, 64], "num_workers": 0, "batch_size": 1, "val_fraction": 0.25}
+    ssl_small = {"feature_size": 12, "roi_size": SSL_SMALL_ROI, "num_workers": 0, "batch_size": 1, "val_fraction": 0.25}
     configs = ["configs/train.json", probe(tmp_path, "ssl", report, **spelled)]
     runs["ssl train"] = bundle_start(ssl, configs, dataset_dir=str(unlabeled / "imagesTr"), **ssl_small)
 

@@ -10,7 +10,7 @@ import numpy as np
 import preloaded_python
 import pytest
 import torch
-from conftest import REPO, configs, released_layout, run_workflow, torchrun_bundle, write_ct_case
+from conftest import REPO, SSL_SMALL_ROI, configs, released_layout, run_workflow, torchrun_bundle, write_ct_case
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
 from monai.data import SmartCacheDataset
@@ -22,7 +22,7 @@ from swin_unetr_kit.ssl import SSLBatch, SSLHead, SSLLoss, SSLViewsd, cutout, dr
 SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
 SMALL_SSL = {
     "feature_size": 12,
-    "roi_size": [64, 64, 64],
+    "roi_size": SSL_SMALL_ROI,
     "num_samples": 1,
     "val_num_samples": 1,
     "batch_size": 2,
@@ -474,11 +474,11 @@ def test_inference_shows_the_view_its_reconstruction_and_the_rotation(tmp_path):
         out = tmp_path / f"out_{'_'.join(run_id) or 'run'}"
         cmd = [sys.executable, "-m", "monai.bundle", "run", *run_id, "--config_file", "configs/inference.json"]
         cmd += ["--bundle_root", str(tmp_path), "--input", str(tmp_path / "data" / "imagesTr"), "--feature_size", "12"]
-        cmd += ["--roi_size", "[64, 64, 64]", "--output_dir", str(out), "--progress", "false"]
+        cmd += ["--roi_size", json.dumps(SSL_SMALL_ROI), "--output_dir", str(out), "--progress", "false"]
         result = preloaded_python.run(cmd, cwd=SSL_BUNDLE, timeout=300)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         for kind in ("view", "reconstruction", "target"):
-            assert nib.load(out / f"ct0_{kind}.nii.gz").shape == (64, 64, 64)
+            assert nib.load(out / f"ct0_{kind}.nii.gz").shape == tuple(SSL_SMALL_ROI)
         assert (out / "ct0_ssl.png").stat().st_size > 10_000
         answer = json.loads((out / "ct0_rotation.json").read_text())
         assert answer["rotation_predicted_degrees"] == 180  # the checkpoint was loaded

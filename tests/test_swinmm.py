@@ -491,6 +491,7 @@ def test_swinmm_pretrain_then_cross_view_finetune_evaluate_and_infer(synthetic_d
     assert set(pretrained_weights) == set(SSLHead(feature_size=12).state_dict())
 
     common = {**SMALL, "bundle_root": str(tmp_path / "seg"), "dataset_dir": str(synthetic_dataset)}
+    common["roi_size"] = [64, 64, 64]  # a cube: the paper's three view pairs (SMALL_ROI's window keeps two)
     seg = ConfigWorkflow(
         config_file=configs("train", "swinmm"),
         workflow_type="train",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import preloaded_python
 import pytest
-from conftest import REPO, SMALL, configs, run_workflow, write_ct_case, write_msd_task
+from conftest import REPO, SMALL, SMALL_ROI, SSL_SMALL_ROI, configs, run_workflow, write_ct_case, write_msd_task
 
 mlflow = pytest.importorskip("mlflow")
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
@@ -58,7 +58,7 @@ def test_ssl_pretraining_tracked_by_mlflow_from_the_cli(tmp_path):
     for i in range(3):
         write_ct_case(tmp_path / "data", f"ct{i}", seed=10 + i)
     root = tmp_path / "root"
-    small = {"feature_size": 12, "roi_size": [64, 64, 64], "num_samples": 1, "val_num_samples": 1, "batch_size": 2}
+    small = {"feature_size": 12, "roi_size": SSL_SMALL_ROI, "num_samples": 1, "val_num_samples": 1, "batch_size": 2}
     result = bundle_cli(
         SSL_BUNDLE,
         "training",
@@ -78,7 +78,7 @@ def test_ssl_pretraining_tracked_by_mlflow_from_the_cli(tmp_path):
     assert list(runs) == ["training"]
     run, artifacts = runs["training"]
     params = run.data.params
-    assert params["feature_size"] == "12" and params["roi_size"] == "[64, 64, 64]"
+    assert params["feature_size"] == "12" and params["roi_size"] == str(SSL_SMALL_ROI)
     assert params["learning_rate"] == "0.0004" and params["num_steps"] == "2"
     assert json.loads(params["sources"].replace("'", '"')) == [str(tmp_path / "data")]
     assert {"total", "rotation", "contrastive", "reconstruction", "lr_group_0"} <= set(run.data.metrics)
@@ -153,7 +153,7 @@ def test_msd_folds_compare_in_one_store(tmp_path):
     assert not list(root.glob("eval/*/*/mlruns.db"))  # no store per run
     for name, (run, _) in runs.items():
         assert run.data.params["task"] == task and run.data.params["fold"] == name.split("/")[1][4]
-        assert run.data.params["roi_size"] == "[64, 64, 64]" and run.data.params["feature_size"] == "12"
+        assert run.data.params["roi_size"] == str(SMALL_ROI) and run.data.params["feature_size"] == "12"
     assert "val_mean_dice/spleen" in runs["Task09_Spleen/fold1of2/training"][0].data.metrics
     evaluation, reports = runs["Task09_Spleen/fold0of2/evaluation"]
     assert {"dice/spleen", "hd95/spleen"} <= set(evaluation.data.metrics)
