@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -54,13 +53,14 @@ SMALL = {
 def write_ct_case(
     folder: Path,
     name: str,
-    shape: tuple[int, int, int] = (48, 44, 40),
+    shape: tuple[int, int, int] = (32, 30, 48),
     spacing: float = 3.0,
     seed: int = 0,
     channels: int = 1,
     label_name: str | None = None,
 ) -> dict:
-    """A synthetic abdomen: a soft-tissue body in air with 13 spherical organs of distinct HU, and its label map."""
+    """A synthetic abdomen: a soft-tissue body in air with 13 spherical organs of distinct HU, and its label map. The
+    default shape at 3 mm fits one SMALL_ROI window: validation and inference cost one window a case."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
     centre = np.array(shape) / 2
@@ -86,21 +86,18 @@ def write_ct_case(
     return {"image": str(image_path), "label": str(label_path)}
 
 
-# the pages a user reads (tests/test_docs.py checks their commands and links), and the tests they name for a printed
-# command line (``# tested: tests/<file>.py::<test>``)
+# the pages a user reads: tests/test_docs.py checks their commands and links
 DOC_PAGES = sorted([REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("bundles/*/docs/*.md")])
-DOCUMENTED = {
-    marker
-    for page in DOC_PAGES
-    for marker in re.findall(r"^# tested: (tests/\S+\.py::\w+)", page.read_text(), re.MULTILINE)
-}
+# the modules that run the READMEs' command lines as typed: each bundle's training, evaluation and inference from its
+# folder, and the demo
+AS_TYPED = {"test_commands.py", "test_demo.py"}
 
 
 @pytest.fixture(autouse=True)
-def _documented_commands_in_fresh_interpreters(request):
-    """A test the docs name for a command line runs its commands as a user does, each in a new interpreter; the other
-    tests' commands are forked from one that has imported torch and MONAI already (``preloaded_python``)."""
-    preloaded_python.fresh_interpreters = request.node.nodeid.split("[")[0] in DOCUMENTED
+def _printed_commands_in_new_interpreters(request):
+    """The tests of :data:`AS_TYPED` start each command in a new interpreter, as a user's shell does; every other
+    test's commands are forked from one that has imported torch and MONAI already (``preloaded_python``)."""
+    preloaded_python.fresh_interpreters = request.node.path.name in AS_TYPED
     yield
     preloaded_python.fresh_interpreters = False
 

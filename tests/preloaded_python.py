@@ -9,8 +9,8 @@ module's or script's folder first, then ``PYTHONPATH``, then the interpreter's o
 and runs ``-m <module>``, ``-c <code>`` or ``<script>`` as ``__main__`` the way the interpreter does, its exit
 functions included. Settings an interpreter reads as it starts (thread counts, a preloaded allocator, ``PYTHON*``
 flags: :data:`STARTUP_VARIABLES`) are those its pre-imported Python was started with: commands that differ in them
-are forked from Pythons of their own. Commands of other programs, and every command of a test the docs name for a
-printed command line (:data:`fresh_interpreters`, set by conftest.py), run as ordinary subprocesses.
+are forked from Pythons of their own. Commands of other programs, and every command of the tests that run the
+READMEs' command lines as typed (:data:`fresh_interpreters`, set by conftest.py), run as ordinary subprocesses.
 
 Run as a script, this file is that pre-imported Python: it reads one JSON request a line on standard input, answers
 ``{"pid": ...}`` once it has forked, and ``{"exit": pid, "code": ...}`` when a child ends (``subprocess``'s return
@@ -158,7 +158,7 @@ class PreloadedPython:
 # one pre-imported Python per set of start-up settings, in this process; beyond MAX_SERVERS, new interpreters
 _servers: dict[tuple[tuple[str, str], ...], PreloadedPython] = {}
 MAX_SERVERS = 4
-# set by conftest.py for each test: the tests the docs name for their command lines run them in new interpreters
+# set by conftest.py for each test: the tests that run the READMEs' command lines as typed start new interpreters
 fresh_interpreters = False
 
 
@@ -166,7 +166,7 @@ def why_fresh(args: list, env: dict[str, str] | None = None) -> str | None:
     """Why :func:`popen` starts ``args`` in a new interpreter, or None where it forks it."""
     args = [str(a) for a in args]
     if fresh_interpreters:
-        return "the docs name this test for a printed command line"
+        return "this test runs the READMEs' command lines as typed"
     forms = len(args) >= 3 and args[1] in ("-m", "-c") or len(args) >= 2 and args[1].endswith(".py")
     if args[0] != sys.executable or not forms:
         return "not python -m/-c/<script> of this interpreter"

@@ -100,16 +100,46 @@ def bundle_run(cwd: Path, *args: str, **overrides) -> str:
     return log
 
 
-def test_msd_from_another_folder_with_bundle_root_elsewhere_and_its_own_task_table(tmp_path):
-    """The MSD bundle run as the BTCV and SSL bundles are in the repository README: from the repository root, with
-    ``--bundle_root runs/msd`` (outputs there, the task table still the bundle's); and ``--tasks_file`` read by every
-    step, the metadata written beside the model included; then the bundle folder's ``run training``, ``run evaluating``
-    (train + evaluate, and inference) with ``--meta_file`` and ``--logging_file`` as the README prints them."""
+def msd_spleen(tmp_path: Path) -> tuple[str, dict]:
+    """A copy of the MSD bundle under tmp_path/bundles, generated spleen cases, and the small settings over them."""
     shutil.copytree(MSD_BUNDLE, tmp_path / "bundles" / MSD_BUNDLE.name)
-    configs = "bundles/swin_unetr_msd/configs/"
     task = "Task09_Spleen"
     dataset = write_msd_task(tmp_path / "data", task, task_settings(task, MSD_BUNDLE / "configs" / "tasks.json"), 3)
-    small = {k: v for k, v in SMALL.items() if k != "pixdim"} | {"dataset_dir": str(dataset), "num_folds": 3}
+    return task, {k: v for k, v in SMALL.items() if k != "pixdim"} | {"dataset_dir": str(dataset), "num_folds": 3}
+
+
+def test_msd_commands_over_a_task_table_of_ones_own(tmp_path):
+    """The README's three commands from the bundle folder (with ``--meta_file`` and ``--logging_file``), over a task
+    table of one's own (``--tasks_file``, the spleen renamed), read by every step: it names the classes of the model
+    and of the metadata written beside it."""
+    task, small = msd_spleen(tmp_path)
+    table = json.loads((MSD_BUNDLE / "configs" / "tasks.json").read_text())
+    table[task]["labels"]["1"] = "milt"
+    (tmp_path / "my_tasks.json").write_text(json.dumps(table))
+    folder = tmp_path / "bundles" / MSD_BUNDLE.name
+    small["tasks_file"] = str(tmp_path / "my_tasks.json")
+    monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small, **ONE_STEP)
+    for name in ("model.pt", "latest.pt"):
+        assert_recorded(folder / "models" / task / "fold0of3" / name)  # the run's own folder
+    assert_recorded(folder / "models" / "model.pt")  # the copy MONAI Label serves
+    meta = json.loads((folder / "models" / task / "fold0of3" / "metadata.json").read_text())
+    assert meta["name"] == f"Swin UNETR MSD {task}"
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "milt"
+
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", TRAIN_AND_EVALUATE, **small)
+    assert "as its record says" in log
+    assert "milt" in json.loads((folder / "eval" / task / "fold0of3" / "metrics.json").read_text())["summary"]["dice"]
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
+    assert "as its record says" in log
+    assert list((folder / "predictions" / task / "fold0of3").rglob("*.nii.gz"))
+
+
+def test_msd_from_the_repository_root_with_bundle_root_elsewhere(tmp_path):
+    """The MSD bundle run as the BTCV and SSL bundles are in the repository README: from the repository root, with
+    ``--bundle_root runs/msd``: outputs there, the task table still the bundle's."""
+    task, small = msd_spleen(tmp_path)
+    configs = "bundles/swin_unetr_msd/configs/"
     bundle_run(
         tmp_path, "training", "--config_file", configs + "train.json", bundle_root="runs/msd", **small, **ONE_STEP
     )
@@ -122,27 +152,7 @@ def test_msd_from_another_folder_with_bundle_root_elsewhere_and_its_own_task_tab
     inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
     bundle_run(tmp_path, "evaluating", "--config_file", configs + "inference.json", bundle_root="runs/msd", **inference)
     assert list((tmp_path / "runs" / "msd" / "predictions" / task / "fold0of3").rglob("*.nii.gz"))
-
-    # the README's three commands from the bundle folder (with --meta_file and --logging_file), over a task table of
-    # one's own (the spleen renamed): it names the classes of the model and of the metadata beside it
-    table = json.loads((MSD_BUNDLE / "configs" / "tasks.json").read_text())
-    table[task]["labels"]["1"] = "milt"
-    (tmp_path / "my_tasks.json").write_text(json.dumps(table))
-    folder = tmp_path / "bundles" / MSD_BUNDLE.name
-    small["tasks_file"] = str(tmp_path / "my_tasks.json")
-    monai_bundle(folder, "run", "training", "--config_file", "configs/train.json", **small, **ONE_STEP)
-    for name in ("model.pt", "latest.pt"):
-        assert_recorded(folder / "models" / task / "fold0of3" / name)  # the run's own folder
-    assert_recorded(folder / "models" / "model.pt")  # the copy MONAI Label serves
-    meta = json.loads((folder / "models" / task / "fold0of3" / "metadata.json").read_text())
-    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "milt"
-
-    log = monai_bundle(folder, "run", "evaluating", "--config_file", TRAIN_AND_EVALUATE, **small)
-    assert "as its record says" in log
-    assert "milt" in json.loads((folder / "eval" / task / "fold0of3" / "metrics.json").read_text())["summary"]["dice"]
-    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
-    log = monai_bundle(folder, "run", "evaluating", "--config_file", "configs/inference.json", **inference)
-    assert "as its record says" in log
+    assert not (tmp_path / "bundles" / MSD_BUNDLE.name / "models").exists()  # nothing written in the bundle
 
 
 def test_swinmm_runs_write_to_folders_of_their_own(synthetic_dataset, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, SCHEMA, SMALL, run_workflow, torchrun_bundle, write_msd_task
-from monai.bundle import ConfigWorkflow, verify_net_in_out
+from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss, DiceLoss
 from monai.transforms import (
     Compose,
@@ -428,19 +428,3 @@ def test_check_properties(names, workflow_type, tmp_path):
     )
     workflow.initialize()
     assert not workflow.check_properties()
-
-
-@pytest.mark.parametrize("task", ["Task09_Spleen", "Task01_BrainTumour"])
-def test_verify_net_in_out_with_the_task_metadata(task, tmp_path):
-    meta_file = tmp_path / "metadata.json"
-    meta_file.write_text(json.dumps(task_metadata(task, TASKS_FILE)))
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(meta_file),
-        config_file=msd_configs("inference"),
-        n=1,
-        any=1,
-        bundle_root=str(MSD_BUNDLE),
-        task=task,
-        **{"network_def#feature_size": 12},
-    )

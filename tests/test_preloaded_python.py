@@ -74,15 +74,14 @@ def test_start_up_settings_are_those_of_the_command(threads):
     assert forked.communicate(timeout=120)[0] == f"{threads}\n"
 
 
-def test_other_programs_and_documented_tests_get_a_new_interpreter(monkeypatch):
+def test_other_programs_and_the_commands_as_typed_get_a_new_interpreter(monkeypatch):
     assert isinstance(preloaded_python.popen(["true"]), subprocess.Popen)
     monkeypatch.setattr(preloaded_python, "fresh_interpreters", True)
-    assert "the docs name" in preloaded_python.why_fresh([sys.executable, "-c", "pass"])
+    assert "as typed" in preloaded_python.why_fresh([sys.executable, "-c", "pass"])
     assert isinstance(preloaded_python.popen([sys.executable, "-c", "pass"]), subprocess.Popen)
 
 
-def test_the_docs_tests_are_known_to_the_suite():
+def test_the_modules_of_the_commands_as_typed_exist():
     import conftest
 
-    assert "tests/test_commands.py::test_btcv_commands" in conftest.DOCUMENTED
-    assert all((REPO / marker.split("::")[0]).is_file() for marker in conftest.DOCUMENTED)
+    assert all((REPO / "tests" / name).is_file() for name in conftest.AS_TYPED)

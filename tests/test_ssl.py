@@ -186,7 +186,7 @@ def unlabeled_ct(tmp_path_factory):
     root = tmp_path_factory.mktemp("unlabeled")
     for i in range(3):
         write_ct_case(root / "a", f"ct{i}", seed=10 + i)
-    write_ct_case(root / "b", "small", shape=(30, 28, 24), seed=20)  # smaller than the 64^3 window: padded
+    write_ct_case(root / "b", "small", shape=(30, 28, 24), seed=20)  # smaller than the window: padded
     return root
 
 

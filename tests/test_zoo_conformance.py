@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 import zoo
-from conftest import REPO, SCHEMA, SMALL, released_layout, write_msd_task
+from conftest import REPO, SCHEMA, SMALL, SMALL_ROI, released_layout, write_msd_task
 from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 from monai.networks.nets import SwinUNETR
 
@@ -302,11 +302,11 @@ def test_each_msd_task_metadata_passes_the_zoo_data_shape_check(tmp_path):
     zoo's full check runs MONAI's ``verify_net_in_out`` on it: here for each task, at feature size 12."""
     zoo.export(out=str(tmp_path / "models"))
     checkout = tmp_path / "models" / "swin_unetr_msd"
-    small = {"network_def#feature_size": 12, "_meta_#network_data_format#inputs#image#spatial_shape": [64, 64, 64]}
+    small = {"network_def#feature_size": 12, "_meta_#network_data_format#inputs#image#spatial_shape": SMALL_ROI}
     for task in (t for t in json.loads(MSD_TASKS.read_text()) if not t.startswith("_")):
         meta = task_metadata(task, checkout / "configs" / "tasks.json")
         (checkout / "configs" / "metadata.json").write_text(json.dumps(meta))
-        # the task's channels through the network on a 64^3 patch (a fast stand-in for its ROI, which need only
+        # the task's channels through the network on a SMALL_ROI patch (a fast stand-in for its ROI, which need only
         # divide by 32 as SwinUNETR's patch merging asks)
         assert all(s % 32 == 0 for s in meta["network_data_format"]["inputs"]["image"]["spatial_shape"]), task
         verify_net_in_out(
