@@ -40,6 +40,7 @@ def _bad_volumes(root: Path) -> list[str]:
     nib.save(nib.Nifti1Image(np.full(flat.shape, -1000, np.int16), flat.affine), cases["flat"]["image"])
     nib.save(nib.Nifti1Image(np.stack([voxels * 0 + 40] * 2, -1), img.affine), cases["two"]["image"])
     label = nib.load(cases["shape"]["label"])
+    shape = label.shape
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[:, :, :-1], label.affine), cases["shape"]["label"])
     label = nib.load(cases["grid"]["label"])
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj), label.affine * 2), cases["grid"]["label"])
@@ -54,7 +55,7 @@ def _bad_volumes(root: Path) -> list[str]:
         "contains NaN or infinite values",
         "every voxel is -1000 (a constant image, nothing to segment)",
         "has 2 channels, the network expects 1",
-        "label shape (48, 44, 39) differs from image shape (48, 44, 40)",
+        f"label shape {(*shape[:2], shape[2] - 1)} differs from image shape {shape}",
         "label geometry (origin, spacing or direction) differs from the image's",
         "label values [99] outside the 14 classes 0..13",
         "cannot be read as NIfTI",

@@ -136,7 +136,7 @@ def test_evaluation_scores_on_the_original_label_grid(score_pixdim, tmp_path):
     ``score_pixdim``, both are first resampled (nearest) to that grid, as the released SwinMM test (``WORD/
     test_parallel.py``) does to 1 mm."""
     data = tmp_path / "data"
-    cases = [write_ct_case(data, f"fine{i}", spacing=2.0, seed=40 + i) for i in range(2)]
+    cases = [write_ct_case(data, f"fine{i}", shape=(48, 44, 40), spacing=2.0, seed=40 + i) for i in range(2)]
     (data / "dataset_0.json").write_text(json.dumps({"training": cases[:1], "validation": cases}))
     small = {k: v for k, v in SMALL.items() if not k.startswith("network_def")}
     common = {**small, "bundle_root": str(tmp_path / "run"), "dataset_dir": str(data), "num_overlays": 0}

@@ -219,7 +219,7 @@ def test_datalist_tool_keeps_an_existing_datalist_and_its_keys(tmp_path):
 def test_datalist_tool_check_false_does_not_check(tmp_path):
     data = tmp_path / "data"
     case = [write_ct_case(data, f"case{i}", seed=i) for i in range(2)][0]
-    bad = np.full((48, 44, 40), 99, np.uint8)
+    bad = np.full(nib.load(case["image"]).shape, 99, np.uint8)
     nib.save(nib.Nifti1Image(bad, nib.load(case["image"]).affine), case["label"])
     checked = run_tool("datalist.py", str(data), "--out", str(tmp_path / "a.json"), cwd=tmp_path)
     assert checked.returncode != 0 and "label values [99] outside the 14 classes" in checked.stderr
@@ -426,7 +426,7 @@ def small_file_system(tmp_path):
 
 def test_inference_onto_a_full_or_read_only_disk_stops_before_the_network(small_file_system, tmp_path):
     bundle = btcv_with_model(tmp_path)
-    case = write_ct_case(tmp_path / "gen", "x")
+    case = write_ct_case(tmp_path / "gen", "x", shape=(48, 44, 40))  # 0.08 MB of label map
     filler = small_file_system / "filler"
     filler.write_bytes(b"0" * (1024 * 1024 - 8192))  # about one page left
     out = small_file_system / "out"
