@@ -166,6 +166,25 @@ def torchrun_bundle(config_files: list[str], port: int, **overrides) -> subproce
     return result
 
 
+def crops_probe(bundle: Path, folder: Path) -> str:
+    """A config over the bundle's training ``run``: right after the setup (process group, seed + rank) each rank saves
+    its crops of three epochs to ``folder/crops<rank>.pt``, then trains as usual."""
+    run = json.loads((bundle / "configs" / "train.json").read_text())["run"]
+    assert run[0] == "@setup", run
+    crops = "[b['image'].as_tensor() for _ in range(3) for b in @train#dataloader]"
+    save = f"$torch.save({crops}, '{folder}/crops' + str(dist.get_rank()) + '.pt')"
+    probe = folder / "crops_probe.json"
+    probe.write_text(json.dumps({"run": [run[0], save, *run[1:]]}))
+    return str(probe)
+
+
+def assert_own_crops(folder: Path, channels: int = 1) -> None:
+    """The two ranks' crops (:func:`crops_probe`) are windows of SMALL_ROI, and no two of the same epoch are equal."""
+    rank0, rank1 = (torch.load(folder / f"crops{rank}.pt") for rank in (0, 1))
+    assert [c.shape for c in rank0] == [c.shape for c in rank1] == [torch.Size([1, channels, *SMALL_ROI])] * 3
+    assert all(not torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
+
+
 def released_layout(encoder_state: dict) -> dict:
     """An encoder state dict as the released model_swinvit.pt stores it: module.-prefixed keys, fc1/fc2 MLP names."""
     renamed = (k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.") for k in encoder_state)
@@ -257,10 +276,10 @@ def write_msd_task(root: Path, task: str, settings: dict, num_cases: int = 2) ->
     return folder
 
 
-# modules of over a minute (``--durations``, 2026-12-07), started first: pytest-xdist's ``loadscope`` hands a worker
-# whole modules in collection order, so a long module collected last kept one worker busy while the other waited
-LONG_MODULES = ["test_ssl.py", "test_commands.py", "test_msd_bundle.py", "test_monai_label.py", "test_demo.py"]
-LONG_MODULES += ["test_zoo_conformance.py", "test_cpu_inference.py", "test_btcv_bundle.py", "test_swinmm.py"]
+# modules of about a minute or more (``--durations``, 2026-12-07), longest first: pytest-xdist's ``loadscope`` hands a
+# worker whole modules in collection order, so a long module collected last kept one worker busy while the other waited
+LONG_MODULES = ["test_commands.py", "test_demo.py", "test_ssl.py", "test_msd_bundle.py", "test_cpu_inference.py"]
+LONG_MODULES += ["test_monai_label.py", "test_swinmm.py", "test_btcv_bundle.py", "test_ddp.py"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,15 +2,16 @@
 torch and MONAI.
 
 ``python -m monai.bundle run ...`` spends about 7 s of CPU importing torch and MONAI (``import monai`` loads all of its
-sub-packages) before it reads a config, and the suite starts a few hundred such commands. This module starts, per
-test worker, one Python that imports those third-party packages once (never this repository's code) and forks a
-process for each command. The child gets the command's arguments, working folder, environment, ``sys.path`` (the
-module's or script's folder first, then ``PYTHONPATH``, then the interpreter's own), standard streams and exit status,
-and runs ``-m <module>``, ``-c <code>`` or ``<script>`` as ``__main__`` the way the interpreter does, its exit
-functions included. Settings an interpreter reads as it starts (thread counts, a preloaded allocator, ``PYTHON*``
-flags: :data:`STARTUP_VARIABLES`) are those its pre-imported Python was started with: commands that differ in them
-are forked from Pythons of their own. Commands of other programs, and every command of the tests that run the
-READMEs' command lines as typed (:data:`fresh_interpreters`, set by conftest.py), run as ordinary subprocesses.
+sub-packages) before it reads a config, and the suite starts a few hundred such commands. This module starts, per test
+worker and interpreter (this one, or a virtual environment's), one Python that imports those third-party packages once
+(never this repository's code) and forks a process for each command. The child gets the command's arguments, working
+folder, environment, ``sys.path`` (the module's or script's folder first, then ``PYTHONPATH``, then the interpreter's
+own), standard streams and exit status, and runs ``-m <module>``, ``-c <code>`` or ``<script>`` as ``__main__`` the way
+the interpreter does, its exit functions included. Settings an interpreter reads as it starts (thread counts, a
+preloaded allocator, ``PYTHON*`` flags: :data:`STARTUP_VARIABLES`) are those its pre-imported Python was started with:
+commands that differ in them are forked from Pythons of their own. Commands of other programs, and every command of the
+tests that run the READMEs' command lines as typed (:data:`fresh_interpreters`, set by conftest.py), run as ordinary
+subprocesses.
 
 Run as a script, this file is that pre-imported Python: it reads one JSON request a line on standard input, answers
 ``{"pid": ...}`` once it has forked, and ``{"exit": pid, "code": ...}`` when a child ends (``subprocess``'s return
@@ -81,7 +82,8 @@ class ForkedProcess:
 class PreloadedPython:
     """The client side: starts the pre-imported Python (lazily) and asks it for processes."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, interpreter: str, env: dict[str, str]) -> None:
+        self._interpreter = interpreter
         self._server: subprocess.Popen | None = None
         self._env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
         self._exits: dict[int, int] = {}
@@ -99,7 +101,7 @@ class PreloadedPython:
     def _start(self) -> subprocess.Popen:
         if self._server is None or self._server.poll() is not None:
             self._server = subprocess.Popen(
-                [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env
+                [self._interpreter, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=self._env
             )
             ready = self._message(timeout=300)
             assert ready == {"ready": True}, f"the pre-imported Python did not start: {ready}"
@@ -155,9 +157,10 @@ class PreloadedPython:
         return ForkedProcess(self, list(args), message["pid"], stdout, stderr)
 
 
-# one pre-imported Python per set of start-up settings, in this process; beyond MAX_SERVERS, new interpreters
-_servers: dict[tuple[tuple[str, str], ...], PreloadedPython] = {}
-MAX_SERVERS = 4
+# one pre-imported Python per interpreter and set of start-up settings, in this process; beyond MAX_SERVERS, new
+# interpreters
+_servers: dict[tuple[str, tuple[tuple[str, str], ...]], PreloadedPython] = {}
+MAX_SERVERS = 5
 # set by conftest.py for each test: the tests that run the READMEs' command lines as typed start new interpreters
 fresh_interpreters = False
 
@@ -168,11 +171,11 @@ def why_fresh(args: list, env: dict[str, str] | None = None) -> str | None:
     if fresh_interpreters:
         return "this test runs the READMEs' command lines as typed"
     forms = len(args) >= 3 and args[1] in ("-m", "-c") or len(args) >= 2 and args[1].endswith(".py")
-    if args[0] != sys.executable or not forms:
-        return "not python -m/-c/<script> of this interpreter"
-    settings = start_up_settings(dict(os.environ if env is None else env))
-    if settings not in _servers and len(_servers) >= MAX_SERVERS:
-        return f"{MAX_SERVERS} pre-imported Pythons with other start-up settings run already"
+    if not Path(args[0]).name.startswith("python") or not forms:
+        return "not python -m/-c/<script>"
+    key = (args[0], start_up_settings(dict(os.environ if env is None else env)))
+    if key not in _servers and len(_servers) >= MAX_SERVERS:
+        return f"{MAX_SERVERS} pre-imported Pythons of other interpreters or start-up settings run already"
     return None
 
 
@@ -183,10 +186,10 @@ def popen(args: list, cwd: str | Path | None = None, env: dict[str, str] | None 
     args = [str(a) for a in args]
     if why_fresh(args, env) is None:
         environment = dict(os.environ if env is None else env)
-        settings = start_up_settings(environment)
-        if settings not in _servers:
-            _servers[settings] = PreloadedPython(environment)
-        return _servers[settings].popen(args, cwd=cwd, env=environment)
+        key = (args[0], start_up_settings(environment))
+        if key not in _servers:
+            _servers[key] = PreloadedPython(args[0], environment)
+        return _servers[key].popen(args, cwd=cwd, env=environment)
     return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -273,7 +276,8 @@ def _serve() -> None:
     repo = str(Path(__file__).resolve().parents[1])
     files = {name: getattr(module, "__file__", None) or "" for name, module in sys.modules.items()}
     files = {name: file for name, file in files.items() if name not in ("__main__", "__mp_main__")}
-    own = [name for name, file in files.items() if file.startswith(repo) and not file.startswith(sys.prefix)]
+    installed = tuple(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))  # the checkout's .venv too
+    own = [name for name, file in files.items() if file.startswith(repo) and not file.startswith(installed)]
     # no Python thread but this one (the native pools numpy's OpenBLAS and pyarrow's jemalloc start at import have
     # fork handlers of their own, as every forked DataLoader worker relies on); none of the repository's code imported
     threads = [thread.name for thread in threading.enumerate()]

@@ -211,18 +211,3 @@ def test_resume_continues_epochs_and_best_metric(btcv_trained_run, synthetic_dat
     # resume false starts afresh (one step is enough to show it)
     fresh = {"train#trainer#max_epochs": 1, "train#trainer#epoch_length": 1, "resume": False}
     assert run_workflow(configs("train"), **common, **fresh).parser.get_parsed_content("train#trainer").state.epoch == 1
-
-
-def test_real_sample_ct_train_and_infer_on_dicom(sample_dataset, tmp_path):
-    """The real CT: one epoch of training on the torso NIfTI, then inference on the other patient's DICOM series."""
-    common = {**SMALL, "bundle_root": str(tmp_path), "dataset_dir": str(sample_dataset), "pixdim": [4.0, 4.0, 4.0]}
-    run_workflow(configs("train"), **common, **{"train#trainer#max_epochs": 1, "val_interval": 1})
-    assert (tmp_path / "models" / "model.pt").is_file()
-    dicom = sample_dataset / "imagesTs" / "ts_slab_dicom"
-    run_workflow(configs("inference"), workflow_type="infer", **common, input=str(dicom))
-    out = nib.load(tmp_path / "eval" / "ts_slab_dicom_seg.nii.gz")
-    from monai.transforms import LoadImage
-
-    reference = LoadImage(image_only=True)(str(dicom))
-    assert out.shape == tuple(reference.shape) == (512, 512, 20)
-    np.testing.assert_allclose(out.affine, reference.affine.numpy(), atol=1e-3)

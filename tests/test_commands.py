@@ -135,26 +135,6 @@ def test_msd_commands_over_a_task_table_of_ones_own(tmp_path):
     assert list((folder / "predictions" / task / "fold0of3").rglob("*.nii.gz"))
 
 
-def test_msd_from_the_repository_root_with_bundle_root_elsewhere(tmp_path):
-    """The MSD bundle run as the BTCV and SSL bundles are in the repository README: from the repository root, with
-    ``--bundle_root runs/msd``: outputs there, the task table still the bundle's."""
-    task, small = msd_spleen(tmp_path)
-    configs = "bundles/swin_unetr_msd/configs/"
-    bundle_run(
-        tmp_path, "training", "--config_file", configs + "train.json", bundle_root="runs/msd", **small, **ONE_STEP
-    )
-    run = tmp_path / "runs" / "msd" / "models" / task / "fold0of3"
-    assert_recorded(run / "model.pt")
-    assert json.loads((run / "metadata.json").read_text())["name"] == f"Swin UNETR MSD {task}"
-    evaluate = f"['{configs}train.json','{configs}evaluate.json']"
-    bundle_run(tmp_path, "evaluating", "--config_file", evaluate, bundle_root="runs/msd", **small)
-    assert (tmp_path / "runs" / "msd" / "eval" / task / "fold0of3" / "metrics.json").is_file()
-    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
-    bundle_run(tmp_path, "evaluating", "--config_file", configs + "inference.json", bundle_root="runs/msd", **inference)
-    assert list((tmp_path / "runs" / "msd" / "predictions" / task / "fold0of3").rglob("*.nii.gz"))
-    assert not (tmp_path / "bundles" / MSD_BUNDLE.name / "models").exists()  # nothing written in the bundle
-
-
 def test_swinmm_runs_write_to_folders_of_their_own(synthetic_dataset, tmp_path):
     """The README's SwinMM commands (``configs/swinmm.json`` over training and inference) in the BTCV and MSD bundle
     folders: TensorBoard events, curves, evaluation and predictions go to folders of their own, nothing to the plain
@@ -185,34 +165,3 @@ def test_swinmm_runs_write_to_folders_of_their_own(synthetic_dataset, tmp_path):
     own = msd / "eval" / task / "fold0of3" / "swinmm"
     assert list(own.glob("events.out.tfevents*")) and (own / "training_curves.png").is_file()
     assert list((msd / "predictions" / task / "fold0of3" / "swinmm").rglob("*.nii.gz"))
-
-
-def test_torchrun_with_more_processes_than_validation_cases_says_what_to_do(synthetic_dataset, tmp_path):
-    """``torchrun --nproc_per_node 2`` over one validation case (the sample data's split): every process must score a
-    case, so the run stops at once with the bundle's message, which says what to change, as its last line."""
-    data = json.loads((synthetic_dataset / "dataset_0.json").read_text())
-    root = tmp_path / "data"
-    shutil.copytree(synthetic_dataset, root)
-    (root / "dataset_0.json").write_text(
-        json.dumps({"training": data["training"], "validation": data["validation"][:1]})
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29620"]
-    cmd += [
-        "-m",
-        "monai.bundle",
-        "run",
-        "training",
-        "--config_file",
-        "['configs/train.json','configs/multi_gpu_train.json']",
-    ]
-    cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**SMALL, **ONE_STEP}.items()]
-    cmd += ["--dataset_dir", str(root)]
-    result = preloaded_python.run(cmd, cwd=fresh_copy(BTCV_BUNDLE, tmp_path), timeout=600)
-    assert result.returncode != 0
-    message = (
-        "swin_unetr_kit.data.DataError: 1 validation case(s) for 2 processes, and each process scores at least one: "
-        "run torchrun with --nproc_per_node 1 or fewer, or make the validation split larger"
-    )
-    for rank in (0, 1):  # torchrun prefixes each process's lines: the message is the last of both
-        lines = [line for line in result.stderr.splitlines() if line.startswith(f"[rank{rank}]:") and line[8:].strip()]
-        assert lines[-1] == f"[rank{rank}]: {message}", result.stderr[-3000:]

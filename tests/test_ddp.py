@@ -1,61 +1,71 @@
-"""multi_gpu_train.json under torchrun: two CPU processes with gloo, rank 0 alone writes."""
+"""multi_gpu_train.json under torchrun: two CPU processes with gloo, each drawing its own crops, rank 0 alone writes."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 
-import pytest
+import preloaded_python
 import torch
-from conftest import BTCV_BUNDLE, SMALL, SMALL_ROI, configs, torchrun_bundle, write_ct_case, write_msd_task
+from conftest import BTCV_BUNDLE, SMALL, assert_own_crops, configs, crops_probe, torchrun_bundle, write_ct_case
+from test_commands import ONE_STEP, fresh_copy
 
-from swin_unetr_kit.msd import task_settings
 
-
-def test_torchrun_two_cpu_processes(synthetic_dataset, tmp_path):
+def test_torchrun_two_cpu_processes(tmp_path):
+    """One training case, which the sampler pads to two: both ranks get it, yet each draws its own random crops (the
+    ranks are seeded with seed + rank, as the SSL bundle and any DDP recipe do, not all with one augmentation stream).
+    Two epochs: rank 0 alone logs and writes, at the learning rate of one process."""
+    case = write_ct_case(tmp_path / "data", "case0", shape=(48, 44, 40))  # room for the crop to move
+    other = write_ct_case(tmp_path / "data", "case1", seed=1)  # each process scores a validation case of its own
+    (tmp_path / "data" / "one_case.json").write_text(json.dumps({"training": [case], "validation": [case, other]}))
+    run = tmp_path / "run"
     result = torchrun_bundle(
-        configs("train", "multi_gpu_train"),
+        [*configs("train", "multi_gpu_train"), crops_probe(BTCV_BUNDLE, tmp_path)],
         port=29517,
         **SMALL,
-        bundle_root=str(tmp_path),
-        dataset_dir=str(synthetic_dataset),
+        bundle_root=str(run),
+        dataset_dir=str(tmp_path / "data"),
+        datalist=str(tmp_path / "data" / "one_case.json"),
+        allow_datalist_overlap=True,  # the one case in both parts, meant
         **{"train#trainer#max_epochs": 2, "val_interval": 1},
     )
+    assert_own_crops(tmp_path)
     log = result.stdout + result.stderr
-    assert (tmp_path / "models" / "latest.pt").is_file() and (tmp_path / "models" / "model.pt").is_file()
-    assert len(list((tmp_path / "eval").glob("events.out.tfevents*"))) == 2  # rank 0 only: train and validate
+    assert (run / "models" / "latest.pt").is_file() and (run / "models" / "model.pt").is_file()
+    assert len(list((run / "eval").glob("events.out.tfevents*"))) == 2  # rank 0 only: train and validate
     assert log.count("Epoch: 2/2") == 1  # the loss is logged once, by rank 0
     # two processes train at the learning rate of one, as the reference and the model zoo do (no scaling by 2)
-    latest = torch.load(tmp_path / "models" / "latest.pt", weights_only=False)
+    latest = torch.load(run / "models" / "latest.pt", weights_only=False)
     assert latest["lr_scheduler"]["base_lrs"] == [1e-4]
 
 
-MSD_BUNDLE = BTCV_BUNDLE.parent / "swin_unetr_msd"
-
-
-@pytest.mark.parametrize("bundle", ["btcv", "msd"])
-def test_each_rank_draws_its_own_crops(bundle, tmp_path):
-    """Both ranks get the one training case (the sampler pads it to two), yet each draws its own random crops: the
-    ranks are seeded with seed + rank, as the SSL bundle and any DDP recipe do, not all with one augmentation stream."""
-    if bundle == "btcv":
-        case = write_ct_case(tmp_path / "data", "case0", shape=(48, 44, 40))
-        (tmp_path / "data" / "one_case.json").write_text(json.dumps({"training": [case], "validation": [case]}))
-        files = configs("train", "multi_gpu_train")
-        overrides = {"dataset_dir": str(tmp_path / "data"), "datalist": str(tmp_path / "data" / "one_case.json")}
-        overrides["allow_datalist_overlap"] = True  # the one case in both parts, meant
-        overrides["pixdim"] = [1.5, 1.5, 1.5]  # 96 x 88 x 80 voxels: room for the crop to move on every axis
-    else:
-        task = "Task09_Spleen"
-        dataset = write_msd_task(tmp_path / "data", task, task_settings(task, MSD_BUNDLE / "configs" / "tasks.json"))
-        files = configs("train", "multi_gpu_train", bundle=MSD_BUNDLE)
-        overrides = {"bundle_root": str(MSD_BUNDLE), "task": task, "dataset_dir": str(dataset), "num_folds": 2}
-        overrides["pixdim"] = [0.5, 0.5, 0.8]  # 88 x 88 x 72 voxels
-        overrides["ckpt_dir"] = str(tmp_path / "models")
-    # instead of training, each rank saves its crops of three epochs (after the setup: process group, seed + rank)
-    probe = tmp_path / "probe.json"
-    crops = "[b['image'].as_tensor() for _ in range(3) for b in @train#dataloader]"
-    save = f"torch.save({crops}, '{tmp_path}/crops' + str(dist.get_rank()) + '.pt')"
-    probe.write_text(json.dumps({"run": ["@setup", f"${save}"]}))
-    torchrun_bundle([*files, str(probe)], port=29610 if bundle == "btcv" else 29611, **{**SMALL, **overrides})
-    rank0, rank1 = (torch.load(tmp_path / f"crops{rank}.pt") for rank in (0, 1))
-    assert [c.shape for c in rank0] == [c.shape for c in rank1] == [torch.Size([1, 1, *SMALL_ROI])] * 3
-    assert all(not torch.equal(a, b) for a, b in zip(rank0, rank1, strict=True))
+def test_torchrun_with_more_processes_than_validation_cases_says_what_to_do(synthetic_dataset, tmp_path):
+    """``torchrun --nproc_per_node 2`` over one validation case (the sample data's split): every process must score a
+    case, so the run stops at once with the bundle's message, which says what to change, as its last line."""
+    data = json.loads((synthetic_dataset / "dataset_0.json").read_text())
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, root)
+    (root / "dataset_0.json").write_text(
+        json.dumps({"training": data["training"], "validation": data["validation"][:1]})
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29620"]
+    cmd += [
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        "['configs/train.json','configs/multi_gpu_train.json']",
+    ]
+    cmd += [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in {**SMALL, **ONE_STEP}.items()]
+    cmd += ["--dataset_dir", str(root)]
+    result = preloaded_python.run(cmd, cwd=fresh_copy(BTCV_BUNDLE, tmp_path), timeout=600)
+    assert result.returncode != 0
+    message = (
+        "swin_unetr_kit.data.DataError: 1 validation case(s) for 2 processes, and each process scores at least one: "
+        "run torchrun with --nproc_per_node 1 or fewer, or make the validation split larger"
+    )
+    for rank in (0, 1):  # torchrun prefixes each process's lines: the message is the last of both
+        lines = [line for line in result.stderr.splitlines() if line.startswith(f"[rank{rank}]:") and line[8:].strip()]
+        assert lines[-1] == f"[rank{rank}]: {message}", result.stderr[-3000:]

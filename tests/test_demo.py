@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+import nibabel as nib
+import numpy as np
 import preloaded_python
 import pytest
 from conftest import REPO
@@ -32,7 +34,13 @@ def test_demo_writes_a_complete_report(sample_dataset, tmp_path):
     assert all(v is None or 0.0 <= v <= 1.0 for case in dice.values() for v in case.values())
     for name in ("overlay_seen.png", "overlay_unseen.png"):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "predictions" / "ts_slab_dicom_seg.nii.gz").is_file()
+    # the other patient's DICOM series, labelled in its own geometry
+    from monai.transforms import LoadImage
+
+    series = LoadImage(image_only=True)(str(sample_dataset / "imagesTs" / "ts_slab_dicom"))
+    labels = nib.load(out / "predictions" / "ts_slab_dicom_seg.nii.gz")
+    assert labels.shape == tuple(series.shape) == (512, 512, 20)
+    np.testing.assert_allclose(labels.affine, series.affine.numpy(), atol=1e-3)
     assert (out / "eval_seen" / "predictions" / "ts_torso_seg.nii.gz").is_file()
 
 

@@ -11,6 +11,7 @@ import sys
 import venv
 from pathlib import Path
 
+import preloaded_python
 import pytest
 import zoo
 from conftest import SMALL, SSL_SMALL_ROI, write_ct_case, write_msd_task
@@ -64,7 +65,8 @@ def run_elsewhere(python: str, cwd: Path, bundle: Path, run_id: str, config: str
     cmd = [python, "-m", "monai.bundle", "run", run_id, "--config_file", str(bundle / "configs" / config)]
     cmd += ["--bundle_root", str(bundle), *(f"--{k}={json.dumps(v)}" for k, v in overrides.items())]
     cwd.mkdir(exist_ok=True)
-    result = subprocess.run(cmd, cwd=cwd, env=_without_pythonpath(), capture_output=True, text=True, timeout=600)
+    # forked from a Python of that environment that has imported torch and MONAI (never the kit): see preloaded_python
+    result = preloaded_python.run(cmd, cwd=cwd, env=_without_pythonpath(), timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, f"{run_id} {config}:\n{log[-4000:]}"
     return log

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SCHEMA, SMALL, run_workflow, torchrun_bundle, write_msd_task
+from conftest import REPO, SCHEMA, SMALL, assert_own_crops, crops_probe, run_workflow, torchrun_bundle, write_msd_task
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss, DiceLoss
 from monai.transforms import (
@@ -23,6 +23,7 @@ from monai.transforms import (
     RandFlipd,
     RandSpatialCropd,
 )
+from test_commands import ONE_STEP, assert_recorded, bundle_run, msd_spleen
 
 from swin_unetr_kit.data import DataError
 from swin_unetr_kit.msd import (
@@ -299,7 +300,7 @@ def test_data_set_of_another_task_is_an_error(tmp_path):
 
 def test_evaluate_brain_tumour_regions_per_case_and_summary(tmp_path):
     task = "Task01_BrainTumour"
-    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=2)
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=4)
     common = {**MSD_SMALL, **outputs(tmp_path), "task": task, "dataset_dir": str(dataset), "num_folds": 2}
     run_workflow(msd_configs("train"), **common, **{"train#trainer#max_epochs": 1, "val_interval": 1})
     run_workflow(msd_configs("train", "evaluate"), workflow_type="eval", **common)
@@ -397,18 +398,21 @@ def test_metadata_of_every_task_is_valid(task):
 
 
 def test_torchrun_two_cpu_processes_multichannel(tmp_path):
+    """Two channels under torchrun, one training case for two ranks: each draws its own crops of it (seed + rank)."""
     task = "Task05_Prostate"
     dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=4)
     torchrun_bundle(
-        msd_configs("train", "multi_gpu_train"),
+        [*msd_configs("train", "multi_gpu_train"), crops_probe(MSD_BUNDLE, tmp_path)],
         port=29531,
         **MSD_SMALL,
         **outputs(tmp_path),
         task=task,
         dataset_dir=str(dataset),
         num_folds=2,
+        label_fraction=0.5,  # one of the fold's two training cases; two validation cases, one per process
         **{"train#trainer#max_epochs": 1, "val_interval": 1},
     )
+    assert_own_crops(tmp_path, channels=2)
     assert (tmp_path / "models" / "model.pt").is_file() and (tmp_path / "models" / "latest.pt").is_file()
     latest = torch.load(tmp_path / "models" / "latest.pt", weights_only=False)
     assert latest["lr_scheduler"]["base_lrs"] == [1e-4]  # not scaled by the number of processes
@@ -428,3 +432,23 @@ def test_check_properties(names, workflow_type, tmp_path):
     )
     workflow.initialize()
     assert not workflow.check_properties()
+
+
+def test_msd_from_the_repository_root_with_bundle_root_elsewhere(tmp_path):
+    """The MSD bundle run as the BTCV and SSL bundles are in the repository README: from the repository root, with
+    ``--bundle_root runs/msd``: outputs there, the task table still the bundle's."""
+    task, small = msd_spleen(tmp_path)
+    configs = "bundles/swin_unetr_msd/configs/"
+    bundle_run(
+        tmp_path, "training", "--config_file", configs + "train.json", bundle_root="runs/msd", **small, **ONE_STEP
+    )
+    run = tmp_path / "runs" / "msd" / "models" / task / "fold0of3"
+    assert_recorded(run / "model.pt")
+    assert json.loads((run / "metadata.json").read_text())["name"] == f"Swin UNETR MSD {task}"
+    evaluate = f"['{configs}train.json','{configs}evaluate.json']"
+    bundle_run(tmp_path, "evaluating", "--config_file", evaluate, bundle_root="runs/msd", **small)
+    assert (tmp_path / "runs" / "msd" / "eval" / task / "fold0of3" / "metrics.json").is_file()
+    inference = {k: v for k, v in small.items() if k not in ("num_samples", "cache_rate")}
+    bundle_run(tmp_path, "evaluating", "--config_file", configs + "inference.json", bundle_root="runs/msd", **inference)
+    assert list((tmp_path / "runs" / "msd" / "predictions" / task / "fold0of3").rglob("*.nii.gz"))
+    assert not (tmp_path / "bundles" / MSD_BUNDLE.name / "models").exists()  # nothing written in the bundle
