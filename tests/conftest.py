@@ -92,16 +92,16 @@ def write_ct_case(
 
 # the pages a user reads: tests/test_docs.py checks their commands and links
 DOC_PAGES = sorted([REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("bundles/*/docs/*.md")])
-# the modules that run the READMEs' command lines as typed: each bundle's training, evaluation and inference from its
+# the tests that run the READMEs' command lines as typed: each bundle's training, evaluation and inference from its
 # folder, and the demo
-AS_TYPED = {"test_commands.py", "test_demo.py"}
+AS_TYPED = ("tests/test_commands.py::", "tests/test_demo.py::test_demo_writes_a_complete_report")
 
 
 @pytest.fixture(autouse=True)
 def _printed_commands_in_new_interpreters(request):
     """The tests of :data:`AS_TYPED` start each command in a new interpreter, as a user's shell does; every other
     test's commands are forked from one that has imported torch and MONAI already (``preloaded_python``)."""
-    preloaded_python.fresh_interpreters = request.node.path.name in AS_TYPED
+    preloaded_python.fresh_interpreters = request.node.nodeid.startswith(AS_TYPED)
     yield
     preloaded_python.fresh_interpreters = False
 

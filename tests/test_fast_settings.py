@@ -6,12 +6,12 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
-import subprocess
 import sys
 
+import preloaded_python
 import pytest
 import torch
-from conftest import BTCV_BUNDLE, REPO
+from conftest import BTCV_BUNDLE, REPO, SMALL_ROI
 from monai.bundle import ConfigParser
 from monai.networks.nets import SwinUNETR
 
@@ -33,7 +33,7 @@ print(json.dumps({"runs": runs, "mmapped": libc.mallinfo2().hblkhd}))
 def _allocate(device: str, keep: bool, **env: str) -> dict:
     cmd = [sys.executable, "-c", ALLOCATION, device, "1" if keep else "0"]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**environment, **env}, cwd=REPO, timeout=120)
+    result = preloaded_python.run(cmd, env={**environment, **env}, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -57,7 +57,7 @@ def test_sdpa_attention_gives_the_networks_output():
     plain = SwinUNETR(in_channels=1, out_channels=14, feature_size=12).eval()
     sdpa = SwinUNETR(in_channels=1, out_channels=14, feature_size=12, use_flash_attention=True).eval()
     sdpa.load_state_dict(plain.state_dict())
-    window = torch.rand(2, 1, 64, 64, 64)
+    window = torch.rand(2, 1, *SMALL_ROI)
     with torch.no_grad():
         expected = plain(window)
         assert torch.allclose(sdpa(window), expected, atol=1e-4)

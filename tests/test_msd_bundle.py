@@ -300,7 +300,7 @@ def test_data_set_of_another_task_is_an_error(tmp_path):
 
 def test_evaluate_brain_tumour_regions_per_case_and_summary(tmp_path):
     task = "Task01_BrainTumour"
-    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=4)
+    dataset = write_msd_task(tmp_path / "data", task, task_settings(task, TASKS_FILE), num_cases=2)
     common = {**MSD_SMALL, **outputs(tmp_path), "task": task, "dataset_dir": str(dataset), "num_folds": 2}
     run_workflow(msd_configs("train"), **common, **{"train#trainer#max_epochs": 1, "val_interval": 1})
     run_workflow(msd_configs("train", "evaluate"), workflow_type="eval", **common)
