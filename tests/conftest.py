@@ -48,6 +48,8 @@ SMALL = {
     # (OpenVINO where installed) has tests of its own: test_cpu_inference.py, and the demo's run
     "cpu_runtime": "torch",
 }
+# one iteration per epoch, validation after it: the least that writes model.pt and latest.pt
+ONE_STEP = {"train#trainer#epoch_length": 1, "train#trainer#max_epochs": 1, "val_interval": 1}
 
 
 def write_ct_case(

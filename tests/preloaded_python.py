@@ -165,6 +165,11 @@ MAX_SERVERS = 5
 fresh_interpreters = False
 
 
+def _server_key(args: list[str], env: dict[str, str] | None) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The pre-imported Python a command is forked from: its interpreter and start-up settings."""
+    return args[0], start_up_settings(dict(os.environ if env is None else env))
+
+
 def why_fresh(args: list, env: dict[str, str] | None = None) -> str | None:
     """Why :func:`popen` starts ``args`` in a new interpreter, or None where it forks it."""
     args = [str(a) for a in args]
@@ -173,8 +178,7 @@ def why_fresh(args: list, env: dict[str, str] | None = None) -> str | None:
     forms = len(args) >= 3 and args[1] in ("-m", "-c") or len(args) >= 2 and args[1].endswith(".py")
     if not Path(args[0]).name.startswith("python") or not forms:
         return "not python -m/-c/<script>"
-    key = (args[0], start_up_settings(dict(os.environ if env is None else env)))
-    if key not in _servers and len(_servers) >= MAX_SERVERS:
+    if _server_key(args, env) not in _servers and len(_servers) >= MAX_SERVERS:
         return f"{MAX_SERVERS} pre-imported Pythons of other interpreters or start-up settings run already"
     return None
 
@@ -186,7 +190,7 @@ def popen(args: list, cwd: str | Path | None = None, env: dict[str, str] | None 
     args = [str(a) for a in args]
     if why_fresh(args, env) is None:
         environment = dict(os.environ if env is None else env)
-        key = (args[0], start_up_settings(environment))
+        key = _server_key(args, environment)
         if key not in _servers:
             _servers[key] = PreloadedPython(args[0], environment)
         return _servers[key].popen(args, cwd=cwd, env=environment)

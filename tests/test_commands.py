@@ -13,7 +13,7 @@ from pathlib import Path
 
 import preloaded_python
 import torch
-from conftest import BTCV_BUNDLE, REPO, SMALL, SSL_SMALL_ROI, write_ct_case, write_msd_task
+from conftest import BTCV_BUNDLE, ONE_STEP, REPO, SMALL, SSL_SMALL_ROI, write_ct_case, write_msd_task
 
 from swin_unetr_kit.msd import task_settings
 from swin_unetr_kit.record import RECORD_KEY
@@ -21,8 +21,6 @@ from swin_unetr_kit.record import RECORD_KEY
 MSD_BUNDLE = REPO / "bundles" / "swin_unetr_msd"
 SSL_BUNDLE = REPO / "bundles" / "swin_unetr_ssl_pretrain"
 TRAIN_AND_EVALUATE = "['configs/train.json','configs/evaluate.json']"  # as typed, quotes included, in the READMEs
-# one iteration per epoch, validation after it: the least that writes model.pt and latest.pt
-ONE_STEP = {"train#trainer#epoch_length": 1, "train#trainer#max_epochs": 1, "val_interval": 1}
 
 
 def fresh_copy(bundle: Path, tmp_path: Path) -> Path:

@@ -8,8 +8,17 @@ import sys
 
 import preloaded_python
 import torch
-from conftest import BTCV_BUNDLE, SMALL, assert_own_crops, configs, crops_probe, torchrun_bundle, write_ct_case
-from test_commands import ONE_STEP, fresh_copy
+from conftest import (
+    BTCV_BUNDLE,
+    ONE_STEP,
+    SMALL,
+    assert_own_crops,
+    configs,
+    crops_probe,
+    torchrun_bundle,
+    write_ct_case,
+)
+from test_commands import fresh_copy
 
 
 def test_torchrun_two_cpu_processes(tmp_path):

@@ -11,7 +11,7 @@ import preloaded_python
 import pytest
 from conftest import REPO
 
-# the README's main job on the real sample CT, two minutes of the suite: no cheaper run shows it works end to end
+# the README's main job on the real sample CT, a minute and a half: no cheaper run shows it works end to end
 pytestmark = pytest.mark.slow
 
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import preloaded_python
 import pytest
 import zoo
-from conftest import SMALL, SSL_SMALL_ROI, write_ct_case, write_msd_task
+from conftest import ONE_STEP, SMALL, SSL_SMALL_ROI, write_ct_case, write_msd_task
 
 from swin_unetr_kit.msd import task_settings
 
-ONE_STEP = {"train#trainer#epoch_length": 1, "train#trainer#max_epochs": 1, "val_interval": 1}
 INFERENCE_SMALL = {k: v for k, v in SMALL.items() if k not in ("num_samples", "cache_rate")}
 
 

@@ -11,7 +11,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SCHEMA, SMALL, assert_own_crops, crops_probe, run_workflow, torchrun_bundle, write_msd_task
+from conftest import (
+    ONE_STEP,
+    REPO,
+    SCHEMA,
+    SMALL,
+    assert_own_crops,
+    crops_probe,
+    run_workflow,
+    torchrun_bundle,
+    write_msd_task,
+)
 from monai.bundle import ConfigWorkflow
 from monai.losses import DiceCELoss, DiceLoss
 from monai.transforms import (
@@ -23,7 +33,7 @@ from monai.transforms import (
     RandFlipd,
     RandSpatialCropd,
 )
-from test_commands import ONE_STEP, assert_recorded, bundle_run, msd_spleen
+from test_commands import assert_recorded, bundle_run, msd_spleen
 
 from swin_unetr_kit.data import DataError
 from swin_unetr_kit.msd import (

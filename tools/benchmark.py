@@ -38,7 +38,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -528,26 +527,27 @@ def make_weights(
 
     dataset_dir = dataset_dir or sample_data.prepare()
     target = Path(out) if out else default_weights(size)
-    work = Path(tempfile.mkdtemp(prefix="swin_unetr_weights_"))
-    torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
-    datalist = work / "datalist.json"
-    case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
-    datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
-    overrides = {**SIZES[size], "num_workers": 0, "dataset_dir": dataset_dir, "datalist": str(datalist)}
-    overrides.update({"bundle_root": str(work), "check_data": False, "resume": False, "val_interval": 10**6})
-    overrides["allow_datalist_overlap"] = True  # the one sample CT is both parts: weights to time, not to validate
-    overrides.update({"learning_rate": learning_rate, "train#trainer#max_epochs": 1, "warmup_epochs": 0})
-    overrides.update({"roi_size": [crop] * 3, "num_samples": 1})
-    overrides["train#trainer#epoch_length"] = iterations
-    torch.manual_seed(0)
-    workflow = ConfigWorkflow(config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train", **overrides)
-    try:
+    # the run's folder (datalist, checkpoints, logs) is scratch: only the weights below are kept
+    with tempfile.TemporaryDirectory(prefix="swin_unetr_weights_") as scratch:
+        work = Path(scratch)
+        torso = Path(dataset_dir) / "imagesTr" / "ts_torso.nii.gz"
+        datalist = work / "datalist.json"
+        case = {"image": str(torso), "label": str(torso).replace("imagesTr", "labelsTr")}
+        datalist.write_text(json.dumps({"training": [case], "validation": [case]}))
+        overrides = {**SIZES[size], "num_workers": 0, "dataset_dir": dataset_dir, "datalist": str(datalist)}
+        overrides.update({"bundle_root": str(work), "check_data": False, "resume": False, "val_interval": 10**6})
+        overrides["allow_datalist_overlap"] = True  # the one sample CT is both parts: weights to time, not to validate
+        overrides.update({"learning_rate": learning_rate, "train#trainer#max_epochs": 1, "warmup_epochs": 0})
+        overrides.update({"roi_size": [crop] * 3, "num_samples": 1})
+        overrides["train#trainer#epoch_length"] = iterations
+        torch.manual_seed(0)
+        workflow = ConfigWorkflow(
+            config_file=str(BUNDLE / "configs" / "train.json"), workflow_type="train", **overrides
+        )
         workflow.initialize()
         workflow.run()
         network = workflow.parser.get_parsed_content("network")
         workflow.finalize()
-    finally:  # the run's folder (checkpoints, logs) is scratch: only the weights below are kept
-        shutil.rmtree(work, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".partial")
     torch.save(network.state_dict(), partial)
